@@ -1,0 +1,609 @@
+"""RetNet (Sun et al. 2023) as a transformers model, weight-compatible with Microsoft's torchscale `RetNetDecoder`.
+
+Parameter names follow torchscale under a `model.` prefix (`lm_head` is torchscale's `output_projection`), so a
+torchscale state dict loads by renaming alone. The retention math lives in `retention.py`; this file holds the
+modules, from the smallest part to the heads, and the recurrent cache.
+"""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from .configuration_retnet import RETENTION_FORMS, RetNetConfig
+from .retention import RetentionState, chunkwise_retention, parallel_retention, recurrent_retention
+
+
+try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+
+ACTIVATION_FUNCTIONS = {"swish": F.silu, "gelu": F.gelu}
+
+
+class RetNetCache(Cache):
+    """The recurrent state of every layer and the number of tokens seen: RetNet's `past_key_values`.
+
+    Per layer the state is `(S [B, H, D, Dv], scale [B, H])` (see `retention.py`), kept in float32 (float64 for a
+    float64 model) whatever the model's dtype. Its size does not grow with the context. A state cannot be rolled
+    back, so `crop` raises.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        # transformers 5.x's Cache wants layer objects and 4.x's is an nn.Module: neither is needed here, so the
+        # base initialiser is skipped and this class keeps its own state.
+        self.states: List[Optional[RetentionState]] = [None] * num_layers
+        self.num_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return f"RetNetCache(num_layers={len(self.states)}, num_tokens={self.num_tokens})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.num_tokens
+
+    def get_max_length(self) -> Optional[int]:
+        return None
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def update_state(self, layer_idx: int, state: RetentionState) -> None:
+        self.states[layer_idx] = state
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        self.states = [
+            None if state is None else tuple(t.index_select(0, beam_idx.to(t.device)) for t in state)
+            for state in self.states
+        ]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states = [
+            None if state is None else tuple(t.repeat_interleave(repeats, dim=0) for t in state)
+            for state in self.states
+        ]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def reset(self) -> None:
+        self.states = [None] * len(self.states)
+        self.num_tokens = 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "A RetNet state cannot be rolled back to an earlier token (so assisted decoding and cache cropping are "
+            "not available); keep a copy of the cache (copy.deepcopy) from the point you want to return to."
+        )
+
+
+class RetNetRMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps)` computed in float32, cast back, then times `weight` if it has one.
+
+    Shape: `[..., dim]` -> `[..., dim]`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float() if hidden_states.dtype != torch.float64 else hidden_states
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x.to(hidden_states.dtype)
+        return x if self.weight is None else x * self.weight
+
+
+class RetNetRelPos(nn.Module):
+    """Rotation angles and per-head decays, as torchscale's `RetNetRelPos` (its buffers, same names and values).
+
+    `angle` [D]: theta_i = 10000^-(i / (D/2 - 1)), i < D/2, each repeated twice (pairs are rotated, GPT-J style).
+    `decay` [H]: log(gamma_h) with gamma_h = 1 - 2^(-5-h).
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        heads = config.decoder_retention_heads
+        self.key_head_dim = config.decoder_embed_dim // heads
+        self.register_buffer("angle", torch.zeros(self.key_head_dim))
+        self.register_buffer("decay", torch.zeros(heads))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        angle = 1.0 / (10000 ** torch.linspace(0, 1, self.key_head_dim // 2))
+        decay = torch.log(1 - 2 ** (-5 - torch.arange(self.decay.shape[0], dtype=torch.float)))
+        with torch.no_grad():
+            self.angle.copy_(angle.repeat_interleave(2))
+            self.decay.copy_(decay)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` of shape `[length, D]` for positions start .. start + length - 1, in at least float32."""
+        dtype = torch.promote_types(dtype, torch.float32)
+        position = torch.arange(start, start + length, device=self.angle.device, dtype=dtype)
+        phase = position[:, None] * self.angle.to(dtype)[None, :]
+        return phase.cos(), phase.sin()
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_2i, x_2i+1) by its angle: `x * cos + (-x_2i+1, x_2i) * sin`. `x`: `[B, H, T, D]`."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class MultiScaleRetention(nn.Module):
+    """Multi-scale retention: per-head retention with its own decay, a group norm, and a swish gate.
+
+    `[B, T, d]` -> `[B, T, d]`, with the layer's recurrent state in and out.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d, dv, heads = config.decoder_embed_dim, config.decoder_value_embed_dim, config.decoder_retention_heads
+        self.num_heads = heads
+        self.key_head_dim = d // heads
+        self.value_head_dim = dv // heads
+        self.scaling = self.key_head_dim**-0.5
+        self.chunk_size = config.recurrent_chunk_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, dv, bias=False)
+        self.g_proj = nn.Linear(d, dv, bias=False)
+        self.out_proj = nn.Linear(dv, d, bias=False)
+        self.group_norm = RetNetRMSNorm(self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState] = None,
+        valid: Optional[torch.Tensor] = None,
+        resets: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, RetentionState]:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states)
+        k = self.k_proj(hidden_states) * self.scaling
+        v = self.v_proj(hidden_states)
+        g = self.g_proj(hidden_states)
+
+        q = q.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
+        cos, sin = rotation
+        q = rotate_pairs(q.to(cos.dtype), cos, sin)
+        k = rotate_pairs(k.to(cos.dtype), cos, sin)
+
+        if form == "parallel":
+            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets)
+        elif form == "chunkwise":
+            out, state = chunkwise_retention(q, k, v, log_decay, self.chunk_size, state, valid, resets)
+        else:
+            out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets)
+
+        out = self.group_norm(out).to(hidden_states.dtype)  # [B, H, T, Dv]
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
+        return self.out_proj(F.silu(g) * out), state
+
+
+class RetNetGLU(nn.Module):
+    """Gated feed-forward block `fc2(act(fc1(x)) * gate(x))`, the activation in float32. `[B, T, d]` -> `[B, T, d]`."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d, f = config.decoder_embed_dim, config.decoder_ffn_embed_dim
+        self.activation_fn = ACTIVATION_FUNCTIONS[config.activation_fn]
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.fc1 = nn.Linear(d, f, bias=False)
+        self.gate = nn.Linear(d, f, bias=False)
+        self.fc2 = nn.Linear(f, d, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(hidden_states)
+        x = self.activation_fn(x.float()).to(x.dtype) * self.gate(hidden_states)
+        return self.fc2(self.activation_dropout(x))
+
+
+class RetNetDecoderLayer(nn.Module):
+    """Pre-norm block: `x + MSR(norm(x))`, then `x + GLU(norm(x))` (residuals times (2N)^(1/4) with deepnorm)."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d = config.decoder_embed_dim
+        self.retention = MultiScaleRetention(config)
+        self.retention_layer_norm = RetNetRMSNorm(d, eps=config.layernorm_eps)
+        self.ffn = RetNetGLU(config)
+        self.final_layer_norm = RetNetRMSNorm(d, eps=config.layernorm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState] = None,
+        valid: Optional[torch.Tensor] = None,
+        resets: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, RetentionState]:
+        """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
+        mixed, state = self.retention(
+            self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets
+        )
+        hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+        hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
+        return hidden_states, state
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["retnet_rel_pos"]
+    _is_stateful = True
+    _supports_cache_class = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own RetNetCache
+
+    def _init_weights(self, module: nn.Module):
+        """torchscale's initialisation (its repository HEAD), deepnorm's down-scaling included."""
+        config = self.config
+        deepnorm_gain = math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
+        if isinstance(module, MultiScaleRetention):
+            for proj in (module.q_proj, module.k_proj, module.g_proj):
+                init.xavier_uniform_(proj.weight, gain=2**-2.5)
+            init.xavier_uniform_(module.v_proj.weight, gain=2**-2.5 * deepnorm_gain)
+            init.xavier_uniform_(module.out_proj.weight, gain=2**-1 * deepnorm_gain)
+        elif isinstance(module, RetNetGLU):
+            # nn.Linear's default init, uniform(+-1/sqrt(fan_in)); fc1 and fc2 scaled down under deepnorm.
+            for proj, gain in ((module.fc1, deepnorm_gain), (module.gate, 1.0), (module.fc2, deepnorm_gain)):
+                bound = gain / math.sqrt(proj.in_features)
+                init.uniform_(proj.weight, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=config.decoder_embed_dim**-0.5)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
+            init.ones_(module.weight)
+        elif isinstance(module, RetNetRelPos):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear) and module in (getattr(self, "lm_head", None), getattr(self, "score", None)):
+            init.normal_(module.weight, mean=0.0, std=config.decoder_embed_dim**-0.5)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """The RetNet decoder without a head: embeddings, N layers, a final RMSNorm.
+
+    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and `past_key_values` a `RetNetCache`.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
+        self.layernorm_embedding = (
+            RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps) if config.layernorm_embedding else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layer_norm = RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps)
+        self.retnet_rel_pos = RetNetRelPos(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    def _choose_form(self, form: Optional[str], length: int) -> str:
+        form = form or self.config.retention_form
+        if form not in RETENTION_FORMS:
+            raise ValueError(f"retention_form={form!r}; allowed: {', '.join(RETENTION_FORMS)}.")
+        if form == "auto":
+            return "recurrent" if length == 1 else "chunkwise"
+        return form
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        retention_form: Optional[str] = None,
+        **kwargs,
+    ) -> Union[Tuple, BaseModelOutputWithPast]:
+        """
+        Args:
+            input_ids (`[B, T]`): token ids; or `inputs_embeds` (`[B, T, d]`), not both.
+            attention_mask (`[B, T]` or `[B, past + T]`): 0 marks padding, which contributes nothing to the state.
+            position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
+                tokens starts a new document (packed rows), and the state before it is discarded. Rotations and
+                decays are relative, so they are taken from the token count.
+            past_key_values (`RetNetCache`): the state to continue from; updated in place and returned.
+            retention_form (`str`): override `config.retention_form` for this call.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # a checkpointed layer runs twice; the state must be written once
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids ([batch, length]) and inputs_embeds ([batch, length, d]).")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.decoder_embed_dim:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {self.config.decoder_embed_dim}], "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        batch, length = inputs_embeds.shape[:2]
+        if length == 0:
+            raise ValueError("The input has no tokens (length 0).")
+
+        if past_key_values is not None and not isinstance(past_key_values, RetNetCache):
+            raise TypeError(
+                f"past_key_values must be a RetNetCache (as returned by this model), got {type(past_key_values)}."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = RetNetCache(self.config.decoder_layers)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        has_state = past_key_values is not None and past_key_values.states[0] is not None
+        if has_state and past_key_values.states[0][0].shape[0] != batch:
+            raise ValueError(
+                f"past_key_values holds a batch of {past_key_values.states[0][0].shape[0]} rows but the input has "
+                f"{batch}; pass a cache made for this batch."
+            )
+
+        valid = self._valid_tokens(attention_mask, batch, length, past_length)
+        resets = self._document_starts(position_ids, batch, length, has_state)
+        form = self._choose_form(retention_form, length)
+
+        hidden_states = inputs_embeds * self.embed_scale
+        if self.layernorm_embedding is not None:
+            hidden_states = self.layernorm_embedding(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+
+        rotation = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
+        log_decay = self.retnet_rel_pos.decay
+        all_hidden_states = () if output_hidden_states else None
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            state = past_key_values.states[idx] if has_state else None
+            if self.gradient_checkpointing and self.training:
+                hidden_states, state = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, rotation, log_decay, form, state, valid, resets
+                )
+            else:
+                hidden_states, state = layer(hidden_states, rotation, log_decay, form, state, valid, resets)
+            if use_cache:
+                past_key_values.update_state(idx, state)
+        if use_cache:
+            past_key_values.num_tokens += length
+
+        hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        past_key_values = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, past_key_values, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
+
+    @staticmethod
+    def _valid_tokens(attention_mask, batch, length, past_length) -> Optional[torch.Tensor]:
+        """The mask columns of the current tokens as bool `[B, T]`, or None when every token is real."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"attention_mask must be 2D [batch, length] with batch {batch}, got {tuple(attention_mask.shape)}."
+            )
+        if attention_mask.shape[1] not in (length, past_length + length):
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (the new tokens) or "
+                f"{past_length + length} (the cached and the new tokens)."
+            )
+        valid = attention_mask[:, -length:].bool()
+        return None if valid.all() else valid
+
+    @staticmethod
+    def _document_starts(position_ids, batch, length, has_state) -> Optional[torch.Tensor]:
+        """Bool `[B, T]` marking tokens at position 0 that discard the state before them, or None if there are none."""
+        if position_ids is None:
+            return None
+        if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"position_ids must have shape [{batch} or 1, {length}], got {tuple(position_ids.shape)}."
+            )
+        resets = (position_ids == 0).expand(batch, length)
+        if not has_state:
+            resets = torch.cat([torch.zeros_like(resets[:, :1]), resets[:, 1:]], dim=1)
+        return resets if resets.any() else None
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNet with a language-modelling head (`lm_head`, torchscale's `output_projection`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        retention_form: Optional[str] = None,
+        **kwargs,
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        """
+        labels (`[B, T]`): next-token targets (shifted inside), -100 ignored.
+        logits_to_keep (`int` or 1D tensor): compute logits for the last `logits_to_keep` positions only (0: all),
+            or for the given positions.
+        Returns `CausalLMOutputWithPast` with `logits` `[B, T', V]`. Other arguments as `RetNetModel.forward`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            retention_form=retention_form,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(
+                v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None
+            )
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+class RetNetForSequenceClassification(RetNetPreTrainedModel):
+    """RetNet with a linear head `score` on the last real token (the last one before padding) of each row."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RetNetModel(config)
+        self.score = nn.Linear(config.decoder_embed_dim, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[Tuple, SequenceClassifierOutputWithPast]:
+        """Returns `SequenceClassifierOutputWithPast` with `logits` `[B, num_labels]`; `labels` `[B]` give the loss."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch, length = logits.shape[:2]
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(logits.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = torch.ones(batch, length, dtype=torch.bool, device=logits.device)
+        positions = torch.arange(length, device=logits.device)
+        last = (positions * real).argmax(-1)
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        if not return_dict:
+            output = (pooled_logits,) + tuple(
+                v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None
+            )
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = [
+    "RetNetCache",
+    "RetNetForCausalLM",
+    "RetNetForSequenceClassification",
+    "RetNetModel",
+    "RetNetPreTrainedModel",
+]

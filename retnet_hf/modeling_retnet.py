@@ -123,8 +123,8 @@ class RetNetRelPos(nn.Module):
         super().__init__()
         heads = config.decoder_retention_heads
         self.key_head_dim = config.decoder_embed_dim // heads
-        self.register_buffer("angle", torch.zeros(self.key_head_dim))
-        self.register_buffer("decay", torch.zeros(heads))
+        self.register_buffer("angle", torch.zeros(self.key_head_dim, dtype=torch.float32))
+        self.register_buffer("decay", torch.zeros(heads, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -133,6 +133,15 @@ class RetNetRelPos(nn.Module):
         with torch.no_grad():
             self.angle.copy_(angle.repeat_interleave(2))
             self.decay.copy_(decay)
+
+    def _apply(self, fn, recurse=True):
+        # A cast to half precision would round the angles, and position * angle would then be off by whole
+        # radians at long contexts: the buffers stay float32 (float64 is kept) whatever the model is cast to.
+        super()._apply(fn, recurse)
+        if self.angle.dtype in (torch.float16, torch.bfloat16):
+            self.angle, self.decay = self.angle.float(), self.decay.float()
+            self.reset_parameters()
+        return self
 
     def forward(self, start: int, length: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)` of shape `[length, D]` for positions start .. start + length - 1, in at least float32."""

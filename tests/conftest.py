@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny RetNet configs and models, built locally (nothing is downloaded)."""
+
+import pytest
+import torch
+
+from retnet_hf import RetNetConfig, RetNetForCausalLM
+
+
+def tiny_config(**overrides) -> RetNetConfig:
+    """A RetNet small enough for a test: d 32, dv 48, 2 layers, 2 heads (key head dim 16), vocab 64."""
+    fields = dict(
+        vocab_size=64,
+        decoder_embed_dim=32,
+        decoder_value_embed_dim=48,
+        decoder_ffn_embed_dim=64,
+        decoder_layers=2,
+        decoder_retention_heads=2,
+        recurrent_chunk_size=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return RetNetConfig(**fields)
+
+
+def tiny_model(dtype=torch.float32, seed=0, **overrides) -> RetNetForCausalLM:
+    torch.manual_seed(seed)
+    return RetNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def model64():
+    return tiny_model(torch.float64)

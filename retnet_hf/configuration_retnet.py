@@ -33,7 +33,10 @@ class RetNetConfig(PreTrainedConfig):
         no_scale_embedding (`bool`): if False the embeddings are multiplied by sqrt(d).
         layernorm_embedding (`bool`): an RMSNorm after the embedding.
         layernorm_eps (`float`): epsilon of every RMSNorm, the per-head group norm included.
-        deepnorm (`bool`): DeepNet residual scaling, residual * (2N)^(1/4), and its initialisation.
+        deepnorm (`bool`): DeepNet residual scaling, residual * (2N)^(1/4), and its initialisation; as in
+            torchscale it implies post-norm layers (`decoder_normalize_before=False`).
+        decoder_normalize_before (`bool`): pre-norm layers with a final RMSNorm (True), or post-norm layers
+            without one (False).
         share_decoder_input_output_embed (`bool`, alias `tie_word_embeddings`): tie `lm_head` to the embedding.
         recurrent_chunk_size (`int`): chunk length of the chunkwise form.
         retention_form (`str`): `"parallel"`, `"chunkwise"`, `"recurrent"`, or `"auto"`: recurrent for one-token
@@ -65,6 +68,7 @@ class RetNetConfig(PreTrainedConfig):
         layernorm_embedding: bool = False,
         layernorm_eps: float = 1e-6,
         deepnorm: bool = False,
+        decoder_normalize_before: bool = True,
         share_decoder_input_output_embed: bool = False,
         recurrent_chunk_size: int = 512,
         retention_form: str = "auto",
@@ -88,6 +92,7 @@ class RetNetConfig(PreTrainedConfig):
             layernorm_embedding=layernorm_embedding,
             layernorm_eps=layernorm_eps,
             deepnorm=deepnorm,
+            decoder_normalize_before=decoder_normalize_before and not deepnorm,
             share_decoder_input_output_embed=share_decoder_input_output_embed,
             recurrent_chunk_size=recurrent_chunk_size,
             retention_form=retention_form,

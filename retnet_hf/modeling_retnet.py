@@ -32,6 +32,11 @@ except ImportError:  # transformers 4.x
 ACTIVATION_FUNCTIONS = {"swish": F.silu, "gelu": F.gelu}
 
 
+def deepnorm_init_gain(config: RetNetConfig) -> float:
+    """DeepNet's down-scaling (8N)^(-1/4) of v_proj, out_proj, fc1 and fc2 at initialisation; 1 without deepnorm."""
+    return math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
+
+
 class RetNetCache(Cache):
     """The recurrent state of every layer and the number of tokens seen: RetNet's `past_key_values`.
 
@@ -177,6 +182,11 @@ class MultiScaleRetention(nn.Module):
         self.v_proj = nn.Linear(d, dv, bias=False)
         self.g_proj = nn.Linear(d, dv, bias=False)
         self.out_proj = nn.Linear(dv, d, bias=False)
+        # torchscale's init (read by `_init_weights`): xavier_uniform with these gains, deepnorm's scaling included
+        deepnorm_gain = deepnorm_init_gain(config)
+        for proj, gain in ((self.q_proj, 2**-2.5), (self.k_proj, 2**-2.5), (self.g_proj, 2**-2.5),
+                           (self.v_proj, 2**-2.5 * deepnorm_gain), (self.out_proj, 2**-1 * deepnorm_gain)):
+            proj.xavier_gain = gain
         self.group_norm = RetNetRMSNorm(self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=False)
 
     def forward(
@@ -225,6 +235,9 @@ class RetNetGLU(nn.Module):
         self.fc1 = nn.Linear(d, f, bias=False)
         self.gate = nn.Linear(d, f, bias=False)
         self.fc2 = nn.Linear(f, d, bias=False)
+        # nn.Linear's default init, uniform(+-gain/sqrt(fan_in)), fc1 and fc2 scaled down under deepnorm
+        self.fc1.uniform_gain = self.fc2.uniform_gain = deepnorm_init_gain(config)
+        self.gate.uniform_gain = 1.0
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.fc1(hidden_states)
@@ -233,7 +246,12 @@ class RetNetGLU(nn.Module):
 
 
 class RetNetDecoderLayer(nn.Module):
-    """Pre-norm block: `x + MSR(norm(x))`, then `x + GLU(norm(x))` (residuals times (2N)^(1/4) with deepnorm)."""
+    """Retention then the gated feed-forward block, each in a residual branch.
+
+    Pre-norm (the default): `x = alpha x + MSR(norm(x))`, then `x = alpha x + GLU(norm(x))`. Post-norm
+    (`decoder_normalize_before=False`, which deepnorm implies, as in torchscale): `x = norm(alpha x + MSR(x))`,
+    then `x = norm(alpha x + GLU(x))`. alpha = (2N)^(1/4) with deepnorm, else 1.
+    """
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
@@ -243,6 +261,7 @@ class RetNetDecoderLayer(nn.Module):
         self.ffn = RetNetGLU(config)
         self.final_layer_norm = RetNetRMSNorm(d, eps=config.layernorm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        self.normalize_before = config.decoder_normalize_before
         self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
 
     def forward(
@@ -256,12 +275,15 @@ class RetNetDecoderLayer(nn.Module):
         resets: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, RetentionState]:
         """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
-        mixed, state = self.retention(
-            self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets
-        )
-        hidden_states = hidden_states * self.alpha + self.dropout(mixed)
-        hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
-        return hidden_states, state
+        if self.normalize_before:
+            mixed, state = self.retention(
+                self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets
+            )
+            hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+            return hidden_states * self.alpha + self.dropout(self.ffn(self.final_layer_norm(hidden_states))), state
+        mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets)
+        hidden_states = self.retention_layer_norm(hidden_states * self.alpha + self.dropout(mixed))
+        return self.final_layer_norm(hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))), state
 
 
 class RetNetPreTrainedModel(PreTrainedModel):
@@ -280,28 +302,22 @@ class RetNetPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module):
         """torchscale's initialisation (its repository HEAD), deepnorm's down-scaling included."""
-        config = self.config
-        deepnorm_gain = math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
-        if isinstance(module, MultiScaleRetention):
-            for proj in (module.q_proj, module.k_proj, module.g_proj):
-                init.xavier_uniform_(proj.weight, gain=2**-2.5)
-            init.xavier_uniform_(module.v_proj.weight, gain=2**-2.5 * deepnorm_gain)
-            init.xavier_uniform_(module.out_proj.weight, gain=2**-1 * deepnorm_gain)
-        elif isinstance(module, RetNetGLU):
-            # nn.Linear's default init, uniform(+-1/sqrt(fan_in)); fc1 and fc2 scaled down under deepnorm.
-            for proj, gain in ((module.fc1, deepnorm_gain), (module.gate, 1.0), (module.fc2, deepnorm_gain)):
-                bound = gain / math.sqrt(proj.in_features)
-                init.uniform_(proj.weight, -bound, bound)
+        std = self.config.decoder_embed_dim**-0.5
+        if isinstance(module, nn.Linear) and hasattr(module, "xavier_gain"):
+            init.xavier_uniform_(module.weight, gain=module.xavier_gain)
+        elif isinstance(module, nn.Linear) and hasattr(module, "uniform_gain"):
+            bound = module.uniform_gain / math.sqrt(module.in_features)
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.Linear):  # the heads: lm_head (torchscale's output_projection), score
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=config.decoder_embed_dim**-0.5)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, RetNetRelPos):
             module.reset_parameters()
-        elif isinstance(module, nn.Linear) and module in (getattr(self, "lm_head", None), getattr(self, "score", None)):
-            init.normal_(module.weight, mean=0.0, std=config.decoder_embed_dim**-0.5)
 
 
 class RetNetModel(RetNetPreTrainedModel):
@@ -319,7 +335,11 @@ class RetNetModel(RetNetPreTrainedModel):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.decoder_layers))
-        self.layer_norm = RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps)
+        self.layer_norm = (
+            RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps)
+            if config.decoder_normalize_before
+            else None
+        )
         self.retnet_rel_pos = RetNetRelPos(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -425,7 +445,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if use_cache:
             past_key_values.num_tokens += length
 
-        hidden_states = self.layer_norm(hidden_states)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         past_key_values = past_key_values if use_cache else None

@@ -1,0 +1,217 @@
+"""`retnet-hf`: the command line for the life of a RetNet model (also `python -m retnet_hf`)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .pretraining import PRESETS, UsageError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _load_for_inference(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UsageError(f"{folder}: cannot load the model or its tokenizer: {error}") from error
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def _sampling_kwargs(args) -> dict:
+    if args.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+
+
+class _RateStreamer:
+    """A TextStreamer that also counts the generated tokens, for tokens/s."""
+
+    def __init__(self, tokenizer):
+        from transformers import TextStreamer
+
+        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.tokens = 0
+        self.first = True
+
+    def put(self, value):
+        if not self.first:
+            self.tokens += value.numel()
+        self.first = False
+        self.inner.put(value)
+
+    def end(self):
+        self.inner.end()
+
+
+def cmd_train(args) -> None:
+    from .pretraining import pretrain
+
+    result = pretrain(
+        args.text,
+        args.output,
+        preset=args.preset,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.lr,
+        max_steps=args.max_steps,
+        max_seconds=args.max_seconds,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        resume=not args.no_resume,
+        text_column=args.text_column,
+    )
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s: eval loss {result.eval_loss:.3f}, "
+        f"perplexity {result.eval_perplexity:.1f}; model saved to {result.output_dir} (loss curve: loss.png)"
+    )
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    model, tokenizer = _load_for_inference(args.model)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    streamer = _RateStreamer(tokenizer)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                   pad_token_id=tokenizer.pad_token_id, **_sampling_kwargs(args))
+    seconds = time.perf_counter() - start
+    print(f"[{streamer.tokens} tokens in {seconds:.2f} s, {streamer.tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
+    import torch
+
+    model, tokenizer = _load_for_inference(args.model)
+    history = torch.empty(1, 0, dtype=torch.long, device=model.device)
+    cache = None
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        turn = tokenizer(f"### Human: {message}### Assistant:", return_tensors="pt", add_special_tokens=False)
+        history = torch.cat([history, turn.input_ids.to(model.device)], dim=1)
+        streamer = _RateStreamer(tokenizer)
+        print("assistant> ", end="", flush=True)
+        start = time.perf_counter()
+        out = model.generate(
+            history,
+            attention_mask=torch.ones_like(history),
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=["### Human:"],
+            tokenizer=tokenizer,
+            **_sampling_kwargs(args),
+        )
+        seconds = time.perf_counter() - start
+        history, cache = out.sequences, out.past_key_values
+        print(f"[{streamer.tokens / max(seconds, 1e-9):.1f} tokens/s, {history.shape[1]} tokens of context]",
+              file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(texts=[args.text] if args.text else None, output_dir=args.output, max_seconds=args.max_seconds,
+             max_steps=args.max_steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retnet-hf",
+        description="RetNet as a transformers model: train, generate, chat, and a demo on an embedded corpus.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="train a small RetNet for a couple of minutes and show its claims")
+    demo.add_argument("--text", help="train on this text file instead of the embedded corpus (this package's source)")
+    demo.add_argument("--output", default="retnet-demo", help="folder for the trained model (default retnet-demo)")
+    demo.add_argument("--max-seconds", type=float, default=120.0, help="training time budget (default 120)")
+    demo.add_argument("--max-steps", type=_positive_int, default=1500, help="training steps at most (default 1500)")
+    demo.set_defaults(func=cmd_demo)
+
+    train = commands.add_parser("train", help="pretrain a RetNet from scratch, or continue one, on text")
+    train.add_argument("text", nargs="+", help="local .txt/.md/.jsonl/.json/.parquet/.csv files or a Hub data set id")
+    train.add_argument("--output", required=True, help="folder for checkpoints and the final model")
+    train.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    train.add_argument("--model", help="a model folder to continue training instead of a new model")
+    train.add_argument("--tokenizer", help="a tokenizer folder; by default a byte-level BPE is trained on the text")
+    train.add_argument("--vocab-size", type=_positive_int, default=4096, help="size of a trained tokenizer")
+    train.add_argument("--text-column", default="text", help="column of jsonl/parquet/csv/Hub data (default text)")
+    train.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training sequence")
+    train.add_argument("--batch-size", type=_positive_int, default=8)
+    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    train.add_argument("--max-steps", type=_positive_int, default=1000)
+    train.add_argument("--max-seconds", type=float, help="stop after this long")
+    train.add_argument("--eval-steps", type=_positive_int, default=100)
+    train.add_argument("--save-steps", type=_positive_int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    train.set_defaults(func=cmd_train)
+
+    for name, help_text in (("generate", "continue a prompt, streaming tokens"),
+                            ("chat", "chat through stdin; the recurrent state carries the conversation")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model", help="a model folder")
+        if name == "generate":
+            sub.add_argument("--prompt", default="", help="text to continue")
+        sub.add_argument("--max-new-tokens", type=_positive_int, default=200 if name == "generate" else 128)
+        sub.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+        sub.add_argument("--temperature", type=float, default=0.8)
+        sub.add_argument("--top-p", type=float, default=0.9)
+        sub.add_argument("--top-k", type=int, default=50)
+        sub.add_argument("--seed", type=int, default=None)
+        sub.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as error:
+        print(f"retnet-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"retnet-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Pretraining a RetNet from text with transformers' Trainer: presets, tokenizer training, data, the run itself."""
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, default_data_collator
+from transformers.trainer_callback import TrainerCallback
+
+from .configuration_retnet import RetNetConfig
+from .modeling_retnet import RetNetForCausalLM
+
+
+# Sizes: the paper's training presets (torchscale's fairseq example, key head dim 256) and small ones for CPUs.
+PRESETS: Dict[str, Dict[str, int]] = {
+    "tiny": dict(decoder_embed_dim=128, decoder_value_embed_dim=256, decoder_ffn_embed_dim=256,
+                 decoder_layers=2, decoder_retention_heads=2),
+    "small": dict(decoder_embed_dim=256, decoder_value_embed_dim=512, decoder_ffn_embed_dim=512,
+                  decoder_layers=4, decoder_retention_heads=2),
+    "retnet_base": dict(decoder_embed_dim=512, decoder_value_embed_dim=864, decoder_ffn_embed_dim=864,
+                        decoder_layers=6, decoder_retention_heads=2),
+    "retnet_medium": dict(decoder_embed_dim=1024, decoder_value_embed_dim=1728, decoder_ffn_embed_dim=1728,
+                          decoder_layers=16, decoder_retention_heads=4),
+    "retnet_xl": dict(decoder_embed_dim=2048, decoder_value_embed_dim=3456, decoder_ffn_embed_dim=3456,
+                      decoder_layers=24, decoder_retention_heads=8),
+    "retnet_3b": dict(decoder_embed_dim=2560, decoder_value_embed_dim=4280, decoder_ffn_embed_dim=4280,
+                      decoder_layers=32, decoder_retention_heads=10),
+    "retnet_7b": dict(decoder_embed_dim=4096, decoder_value_embed_dim=6912, decoder_ffn_embed_dim=6912,
+                      decoder_layers=32, decoder_retention_heads=16),
+}
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: the command line prints the message, not a traceback."""
+
+
+def preset_config(preset: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, **overrides) -> RetNetConfig:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return RetNetConfig(
+        vocab_size=vocab_size,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        activation_fn="swish",
+        **{**PRESETS[preset], **overrides},
+    )
+
+
+def load_texts(sources: Sequence[str], text_column: str = "text"):
+    """A `datasets.Dataset` with one `text` column from local .txt/.md/.jsonl/.json/.parquet/.csv files or a Hub id.
+
+    Plain text files give one row per paragraph (blank-line separated).
+    """
+    from datasets import concatenate_datasets, load_dataset
+
+    builders = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
+                ".parquet": "parquet", ".csv": "csv"}
+    parts = []
+    for source in sources:
+        path = Path(source)
+        if path.exists():
+            builder = builders.get(path.suffix.lower())
+            if builder is None:
+                raise UsageError(f"{source}: unsupported file type {path.suffix!r}; use {', '.join(builders)}")
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            data = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        elif "/" in source and not source.startswith((".", "/")):
+            data = load_dataset(source, split="train")
+        else:
+            raise UsageError(f"{source}: no such file (and not a Hub data set id like 'user/name')")
+        if text_column not in data.column_names:
+            raise UsageError(f"{source}: no column {text_column!r} (columns: {', '.join(data.column_names)})")
+        data = data.select_columns([text_column])
+        parts.append(data if text_column == "text" else data.rename_column(text_column, "text"))
+    data = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    data = data.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if len(data) == 0:
+        raise UsageError("the training text is empty")
+    return data
+
+
+def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained with `tokenizers` on an iterable of strings."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **SPECIAL_TOKENS)
+    tokenizer.model_max_length = 1_000_000
+    return tokenizer
+
+
+def token_blocks(data, tokenizer, block_size: int):
+    """Tokenise every row, end each with EOS, concatenate and cut into blocks of `block_size` tokens."""
+
+    def tokenize(batch):
+        return {"ids": [ids + [tokenizer.eos_token_id] for ids in tokenizer(batch["text"])["input_ids"]]}
+
+    def group(batch):
+        flat = [t for ids in batch["ids"] for t in ids]
+        usable = len(flat) // block_size * block_size
+        blocks = [flat[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    ids = data.map(tokenize, batched=True, remove_columns=data.column_names)
+    blocks = ids.map(group, batched=True, batch_size=10_000, remove_columns=["ids"])
+    if len(blocks) < 2:
+        raise UsageError(
+            f"the text gives {len(blocks)} block(s) of {block_size} tokens; give more text or a smaller --block-size"
+        )
+    return blocks
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once `seconds` have passed (the demo's budget)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+
+
+def plot_loss_curve(log_history: List[dict], path: Path) -> None:
+    """Training and evaluation loss against the step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("RetNet training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: Optional[float]
+    eval_loss: Optional[float]
+    seconds: float
+    num_parameters: int
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def eval_perplexity(self) -> Optional[float]:
+        return None if self.eval_loss is None else math.exp(min(self.eval_loss, 50))
+
+
+def pretrain(
+    texts: Sequence[str],
+    output_dir: str,
+    preset: str = "tiny",
+    model: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    vocab_size: int = 4096,
+    block_size: int = 256,
+    batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    learning_rate: float = 1e-3,
+    max_steps: int = 1000,
+    max_seconds: Optional[float] = None,
+    warmup_steps: int = 50,
+    eval_fraction: float = 0.05,
+    eval_steps: int = 100,
+    save_steps: int = 200,
+    seed: int = 0,
+    resume: bool = True,
+    text_column: str = "text",
+) -> TrainResult:
+    """Train a RetNet from scratch (`preset`) or continue one (`model`, a folder) on `texts`.
+
+    Checkpoints go to `output_dir/checkpoints` and a run resumes from the newest one; the final model, tokenizer,
+    generation config, model card and `loss.png` go to `output_dir`.
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output = Path(output_dir)
+    data = load_texts(texts, text_column)
+    if tokenizer is None and model is not None and (Path(model) / "tokenizer.json").exists():
+        tokenizer = model
+    checkpoints = output / "checkpoints"
+    trained_tokenizer = checkpoints / "tokenizer"  # kept so that a resumed run uses the same one
+    if tokenizer is None and resume and (trained_tokenizer / "tokenizer.json").exists():
+        tokenizer = str(trained_tokenizer)
+    if tokenizer is not None:
+        tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    else:
+        tok = train_tokenizer((row["text"] for row in data), vocab_size)
+        tok.save_pretrained(str(trained_tokenizer))
+
+    blocks = token_blocks(data, tok, block_size).shuffle(seed=seed)
+    n_eval = max(1, int(len(blocks) * eval_fraction))
+    eval_set, train_set = blocks.select(range(n_eval)), blocks.select(range(n_eval, len(blocks)))
+
+    torch.manual_seed(seed)
+    if model is not None:
+        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)
+        if net.get_input_embeddings().num_embeddings < len(tok):
+            net.resize_token_embeddings(len(tok))
+    else:
+        net = RetNetForCausalLM(preset_config(preset, len(tok), tok))
+
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(warmup_steps, max_steps // 10),
+        weight_decay=0.01,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(10, eval_steps)),
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    callbacks = [TimeBudget(max_seconds)] if max_seconds else []
+    trainer = Trainer(
+        model=net,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    start = time.monotonic()
+    train_output = trainer.train(resume_from_checkpoint=last)
+    seconds = time.monotonic() - start
+    metrics = trainer.evaluate()
+
+    output.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(output))
+    tok.save_pretrained(str(output))
+    plot_loss_curve(trainer.state.log_history, output / "loss.png")
+    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = TrainResult(
+        output_dir=output,
+        steps=trainer.state.global_step,
+        train_loss=train_losses[-1] if train_losses else train_output.training_loss,
+        eval_loss=metrics.get("eval_loss"),
+        seconds=seconds,
+        num_parameters=net.num_parameters(),
+        metrics=metrics,
+    )
+    (output / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "preset": preset if model is None else None,
+                "base_model": model,
+                "texts": [os.fspath(t) for t in texts],
+                "steps": result.steps,
+                "block_size": block_size,
+                "batch_size": batch_size,
+                "gradient_accumulation_steps": gradient_accumulation_steps,
+                "learning_rate": learning_rate,
+                "train_loss": result.train_loss,
+                "eval_loss": result.eval_loss,
+                "eval_perplexity": result.eval_perplexity,
+                "num_parameters": result.num_parameters,
+                "seconds": round(seconds, 1),
+            },
+            indent=2,
+        )
+    )
+    return result

@@ -1,0 +1,561 @@
+"""Generation and the recurrent cache: `generate()` with the state equals recomputing the whole prefix.
+
+Covered: every decoding mode with and without the cache, one token per decode step, a state that does not grow
+with the context, continuing from a returned cache (by hand and through `generate`), left padding, packed rows,
+refused assisted decoding, streamers, stopping criteria, repetition penalty, and the cache's row operations
+(beam search). Token sequences are compared exactly on float64 models, so no near-tie can flip a token.
+"""
+
+import copy
+import threading
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+from transformers.generation import BaseStreamer
+
+from retnet_hf import RetNetCache
+
+from conftest import tiny_model
+
+FORMS = ["parallel", "chunkwise", "recurrent"]
+PRECISIONS = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 1e-4, id="fp32")]
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def prompt(batch=1, length=7, seed=0, vocab=64):
+    """Random token ids `[batch, length]` above the special ids 0 (pad), 1 (bos) and 2 (eos)."""
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model64(**overrides):
+    """A float64 tiny model whose generation never stops at EOS, so every sequence has its full length."""
+    model = tiny_model(torch.float64, **overrides)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def generate(model, ids, seed=None, **kwargs):
+    """`model.generate`, with the global RNG seeded first when `seed` is given (sampling)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(ids, **kwargs)
+
+
+def state_shapes(cache):
+    return [tuple(t.shape) for state in cache.states for t in state]
+
+
+def continue_logits(model, cache, next_ids, mask=None, form=None):
+    """Logits of `next_ids` fed after a copy of `cache` (with the grown attention mask when `mask` is given)."""
+    cache = copy.deepcopy(cache)
+    if mask is not None:
+        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+    return model(next_ids, attention_mask=mask, past_key_values=cache, retention_form=form).logits
+
+
+class RecordDecoderInputs:
+    """A forward pre-hook on the backbone recording each call's input length and the cache it was given."""
+
+    def __init__(self, model):
+        self.lengths, self.caches = [], []
+        self.handle = model.model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        self.lengths.append((ids if ids is not None else embeds).shape[1])
+        self.caches.append(kwargs.get("past_key_values"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def left_pad(prompts, pad_token_id=0):
+    """Left-pad 1D prompts into `(ids [B, W], attention_mask [B, W])`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def pack(documents):
+    """Concatenate 1D documents into one row with position ids restarting at 0 (TRL's padding-free packing)."""
+    ids = torch.cat(documents)
+    position_ids = torch.cat([torch.arange(len(d)) for d in documents])
+    return ids, position_ids
+
+
+# ------------------------------------------------------------------------- 1. cache == recomputing the prefix
+
+DECODING = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.7),
+    "sampling_hot": dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.5),
+    "sampling_num_return_sequences": dict(do_sample=True, top_k=10, temperature=1.2, num_return_sequences=3),
+    "beam": dict(do_sample=False, num_beams=3),
+    "beam_num_return_sequences": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    "greedy_repetition_penalty": dict(do_sample=False, repetition_penalty=1.5),
+    "sampling_repetition_penalty": dict(do_sample=True, top_k=20, repetition_penalty=1.5),
+}
+
+
+@pytest.mark.parametrize("mode", DECODING)
+def test_generate_with_cache_equals_without(mode):
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    kwargs = dict(
+        DECODING[mode], max_new_tokens=10, return_dict_in_generate=True, output_logits=True, output_scores=True
+    )
+    cached = generate(model, ids, seed=123, **kwargs)
+    recomputed = generate(model, ids, seed=123, use_cache=False, **kwargs)
+
+    rows = 2 * DECODING[mode].get("num_return_sequences", 1)
+    assert cached.sequences.shape == (rows, 6 + 10)
+    assert torch.equal(cached.sequences[:, :6], ids.repeat_interleave(rows // 2, dim=0))
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert isinstance(cached.past_key_values, RetNetCache)
+    assert recomputed.past_key_values is None
+    assert len(cached.logits) == len(cached.scores) == 10
+    for outputs in ("logits", "scores"):  # raw and processed logits of every step
+        for a, b in zip(getattr(cached, outputs), getattr(recomputed, outputs)):
+            torch.testing.assert_close(a, b, **TIGHT)
+    if "num_beams" in DECODING[mode]:
+        assert cached.sequences_scores is not None
+        torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, **TIGHT)
+
+
+def test_sampling_depends_on_the_seed_and_not_on_the_cache():
+    """Guards the sampling comparisons above: different seeds do give different samples."""
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    kwargs = dict(DECODING["sampling_hot"], max_new_tokens=10)
+    first = generate(model, ids, seed=1, **kwargs)
+    assert not torch.equal(first, generate(model, ids, seed=2, **kwargs))
+    assert torch.equal(first, generate(model, ids, seed=1, use_cache=False, **kwargs))
+
+
+# ------------------------------------------------------------------------------ 2. one token per decode step
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_each_decode_step_feeds_exactly_one_token(num_beams):
+    model = model64()
+    ids = prompt(batch=2, length=9)
+    with RecordDecoderInputs(model) as calls:
+        out = model.generate(
+            ids, max_new_tokens=6, do_sample=False, num_beams=num_beams, return_dict_in_generate=True
+        )
+    assert calls.lengths == [9] + [1] * 5  # the prompt once, then one token per new token (the last is not fed)
+    cache = out.past_key_values
+    assert isinstance(cache, RetNetCache)
+    assert calls.caches[0] is None or calls.caches[0] is cache
+    assert all(c is cache for c in calls.caches[1:])  # one cache object, updated in place
+    assert cache.get_seq_length() == sum(calls.lengths) == 9 + 6 - 1
+    assert state_shapes(cache)[0][0] == 2 * num_beams
+
+
+def test_no_cache_generation_recomputes_the_prefix():
+    """`use_cache=False` really is the reference: each step sees the whole sequence so far."""
+    model = model64()
+    with RecordDecoderInputs(model) as calls:
+        model.generate(prompt(length=5), max_new_tokens=4, do_sample=False, use_cache=False)
+    assert calls.lengths == [5, 6, 7, 8]
+    assert calls.caches == [None] * 4
+
+
+# ------------------------------------------------------------------------- 3. constant state, constant cost
+
+
+def decode_step(model, context_length):
+    """Generate after a prompt of `context_length` tokens; return the state shapes and one decode step's FLOPs."""
+    ids = prompt(length=context_length, seed=context_length)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert cache.get_seq_length() == context_length + 2
+    shapes = state_shapes(cache)
+    with FlopCounterMode(display=False) as counter:
+        model(out.sequences[:, -1:], past_key_values=cache, use_cache=True)
+    return shapes, counter.get_total_flops()
+
+
+def test_state_size_and_step_cost_do_not_depend_on_the_context():
+    model = model64()
+    short_shapes, short_flops = decode_step(model, 10)
+    long_shapes, long_flops = decode_step(model, 200)
+    config = model.config
+    heads = config.decoder_retention_heads
+    key_dim, value_dim = config.decoder_embed_dim // heads, config.decoder_value_embed_dim // heads
+    assert short_shapes == long_shapes == [(1, heads, key_dim, value_dim), (1, heads)] * config.decoder_layers
+    assert short_flops == long_flops > 0
+
+
+# ------------------------------------------------------------------------------ 4. continuing from a cache
+
+
+@pytest.mark.parametrize("pieces", [(1,) * 9, (3, 1, 5), (9,)], ids=["one_by_one", "3_1_5", "all_at_once"])
+@pytest.mark.parametrize("form", [None] + FORMS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_returned_cache_continues_exactly(pieces, form, with_mask):
+    model = tiny_model(torch.float64, recurrent_chunk_size=4)
+    ids = prompt(batch=2, length=7 + sum(pieces))
+    full = model(ids, retention_form="parallel").logits
+
+    out = model(ids[:, :7], use_cache=True, retention_form=form)
+    cache, logits, seen = out.past_key_values, [out.logits], 7
+    for n in pieces:
+        mask = torch.ones(2, seen + n, dtype=torch.long) if with_mask else None
+        step = model(ids[:, seen : seen + n], attention_mask=mask, past_key_values=cache, retention_form=form)
+        assert step.past_key_values is cache
+        seen += n
+        assert cache.get_seq_length() == seen
+        logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, **TIGHT)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_enabled"])
+def test_a_copied_cache_is_independent(grad):
+    """`copy.deepcopy` (what `crop`'s error recommends) gives a state that continues on its own, also for a cache
+    made by a plain `model(...)` call outside `torch.no_grad()`."""
+    model = tiny_model(torch.float64)
+    ids = prompt(batch=2, length=12)
+    with torch.no_grad():
+        full = model(ids).logits
+    with torch.set_grad_enabled(grad):
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+        saved = copy.deepcopy(cache)
+        model(prompt(batch=2, length=3, seed=9), past_key_values=cache)  # move the original elsewhere
+        torch.testing.assert_close(model(ids[:, 8:], past_key_values=saved).logits, full[:, 8:], **TIGHT)
+    assert saved.get_seq_length() == 12 and cache.get_seq_length() == 11
+
+
+@pytest.mark.parametrize("prefix_short_by", [1, 3])
+def test_generate_continues_from_a_prefilled_cache(prefix_short_by):
+    """generate(full prompt, past_key_values=cache of a prefix) feeds only the rest and equals a fresh run."""
+    model = model64()
+    ids = prompt(batch=2, length=10)
+    fresh = model.generate(ids, max_new_tokens=6, do_sample=False)
+    cache = model(ids[:, :-prefix_short_by], use_cache=True).past_key_values
+    with RecordDecoderInputs(model) as calls:
+        continued = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    assert calls.lengths == [prefix_short_by] + [1] * 5
+    assert torch.equal(continued, fresh)
+
+
+@pytest.mark.parametrize("new_user_tokens", [0, 4])
+def test_generate_continues_from_its_returned_cache(new_user_tokens):
+    """A second generate() on the first one's output and cache (plus new tokens, as in a chat) equals one run."""
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    user = prompt(batch=2, length=new_user_tokens, seed=5)
+    history = torch.cat([first.sequences, user], dim=1)
+    reference = model.generate(history, max_new_tokens=4, do_sample=False, use_cache=False)
+    with RecordDecoderInputs(model) as calls:
+        second = model.generate(
+            history, past_key_values=first.past_key_values, max_new_tokens=4, do_sample=False,
+            return_dict_in_generate=True,
+        )
+    assert calls.lengths[0] == 1 + new_user_tokens  # only what the cache has not seen
+    assert torch.equal(second.sequences, reference)
+    assert second.past_key_values.get_seq_length() == history.shape[1] + 3
+
+
+# ------------------------------------------------------------------------------------------ 5. left padding
+
+PROMPT_LENGTHS = (3, 11, 7)
+
+
+def ragged_prompts():
+    return [prompt(length=n, seed=10 + i)[0] for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+def with_pad_embedding(model, pad_embedding):
+    """`"zero"`: the pad row as initialised (padding_idx); `"random"`: a non-zero pad row, as a checkpoint may
+    have, so that only the attention mask can keep padding out of the state."""
+    if pad_embedding == "random":
+        with torch.no_grad():
+            row = model.get_input_embeddings().weight[model.config.pad_token_id]
+            row.copy_(torch.randn(row.shape, generator=torch.Generator().manual_seed(4), dtype=row.dtype))
+    return model
+
+
+@pytest.mark.parametrize("pad_embedding", ["zero", "random"])
+def test_left_padded_batch_generates_as_each_prompt_alone(pad_embedding):
+    model = with_pad_embedding(model64(recurrent_chunk_size=4), pad_embedding)
+    prompts = ragged_prompts()
+    ids, mask = left_pad(prompts)
+    kwargs = dict(do_sample=False, max_new_tokens=8, return_dict_in_generate=True, output_logits=True)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    width = ids.shape[1]
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)
+        assert torch.equal(batch.sequences[row, width - len(p) :], alone.sequences[0]), f"row {row}"
+        assert (batch.sequences[row, : width - len(p)] == 0).all()
+        for step_batch, step_alone in zip(batch.logits, alone.logits):
+            torch.testing.assert_close(step_batch[row : row + 1], step_alone, **TIGHT)
+
+
+@pytest.mark.parametrize("pad_embedding", ["zero", "random"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype, tol", PRECISIONS)
+@torch.no_grad()
+def test_left_padded_logits_and_states_equal_unpadded(form, dtype, tol, pad_embedding):
+    """Logits at the real positions, and what the final state gives the next tokens, are those of each prompt
+    alone. (The states themselves differ by a rotation, as keys are rotated by absolute position; only their
+    effect is compared, and the scale part, which is rotation free.)"""
+    model = with_pad_embedding(tiny_model(dtype, recurrent_chunk_size=4), pad_embedding)
+    prompts = ragged_prompts()
+    ids, mask = left_pad(prompts)
+    nxt = prompt(batch=len(prompts), length=3, seed=99)
+    out = model(ids, attention_mask=mask, retention_form=form, use_cache=True)
+    after = continue_logits(model, out.past_key_values, nxt, mask=mask, form=form)
+    width = ids.shape[1]
+    for row, p in enumerate(prompts):
+        alone = model(p[None], retention_form=form, use_cache=True)
+        real = slice(width - len(p), None)
+        torch.testing.assert_close(out.logits[row : row + 1, real], alone.logits, rtol=tol, atol=tol)
+        for (_, scale), (_, alone_scale) in zip(out.past_key_values.states, alone.past_key_values.states):
+            torch.testing.assert_close(scale[row : row + 1], alone_scale, rtol=tol, atol=tol)
+        alone_after = continue_logits(model, alone.past_key_values, nxt[row : row + 1], form=form)
+        torch.testing.assert_close(after[row : row + 1], alone_after, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------ 6. packed rows
+
+DOCUMENT_LENGTHS = [(5, 11, 7), (9, 14)]  # with chunk size 8: starts inside a chunk and on a chunk boundary
+
+
+def documents(lengths, seed=20):
+    return [prompt(length=n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype, tol", PRECISIONS)
+@torch.no_grad()
+def test_packed_row_equals_separate_documents(form, dtype, tol):
+    """One packed row, position_ids [1, T] and no attention mask, as TRL's padding-free collator sends it."""
+    model = tiny_model(dtype, recurrent_chunk_size=8)
+    docs = documents(DOCUMENT_LENGTHS[0])
+    ids, position_ids = pack(docs)
+    out = model(ids[None], position_ids=position_ids[None], retention_form=form, use_cache=True)
+    start = 0
+    for doc in docs:
+        alone = model(doc[None], retention_form=form, use_cache=True)
+        torch.testing.assert_close(out.logits[:, start : start + len(doc)], alone.logits, rtol=tol, atol=tol)
+        start += len(doc)
+    # the state after the row acts as the last document's state alone: earlier documents left nothing in it
+    nxt = prompt(length=4, seed=99)
+    torch.testing.assert_close(
+        continue_logits(model, out.past_key_values, nxt, form=form),
+        continue_logits(model, alone.past_key_values, nxt, form=form),
+        rtol=tol,
+        atol=tol,
+    )
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_packed_batch_with_different_layouts_per_row(form):
+    model = tiny_model(torch.float64, recurrent_chunk_size=8)
+    rows = [documents(lengths, seed=30 + 10 * r) for r, lengths in enumerate(DOCUMENT_LENGTHS)]
+    packed = [pack(docs) for docs in rows]
+    assert len({len(ids) for ids, _ in packed}) == 1
+    ids = torch.stack([ids for ids, _ in packed])
+    position_ids = torch.stack([pos for _, pos in packed])
+    logits = model(ids, position_ids=position_ids, retention_form=form).logits
+    for r, docs in enumerate(rows):
+        start = 0
+        for doc in docs:
+            alone = model(doc[None], retention_form=form).logits[0]
+            torch.testing.assert_close(logits[r, start : start + len(doc)], alone, **TIGHT)
+            start += len(doc)
+
+
+# -------------------------------------------------------------------------------- 7. no rollback of a state
+
+
+def test_assisted_decoding_is_refused():
+    model, assistant = model64(), model64(seed=1)
+    with pytest.raises(ValueError, match="assisted generation is not supported with stateful models"):
+        model.generate(prompt(), assistant_model=assistant, max_new_tokens=4, do_sample=False)
+
+
+def test_prompt_lookup_decoding_is_refused():
+    with pytest.raises(ValueError, match="stateful"):
+        model64().generate(prompt(), prompt_lookup_num_tokens=3, max_new_tokens=4, do_sample=False)
+
+
+def test_cache_crop_raises():
+    model = tiny_model()
+    cache = model(prompt(length=5), use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        cache.crop(3)
+    assert cache.is_croppable is False and cache.is_compileable is False
+    assert cache.get_seq_length() == 5  # untouched
+
+
+# ----------------------------------------------------------------- 8. streamers, stopping, logits processors
+
+
+class TokenCollector(BaseStreamer):
+    """Collects what generate() streams: first the prompt, then each new token."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], 0
+
+    def put(self, value):
+        self.chunks.append(value.detach().clone())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "greedy_repetition_penalty"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_streamer_receives_every_token_in_order(mode, use_cache):
+    model = model64()
+    ids = prompt(length=5)
+    streamer = TokenCollector()
+    out = generate(model, ids, seed=7, streamer=streamer, max_new_tokens=8, use_cache=use_cache, **DECODING[mode])
+    assert torch.equal(streamer.chunks[0].reshape(ids.shape), ids)
+    assert [chunk.numel() for chunk in streamer.chunks[1:]] == [1] * 8
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]), out[0, 5:])
+    assert streamer.ended == 1
+
+
+def word_tokenizer(vocab_size=64):
+    """A tokenizer built locally: token i is the word `w{i}`."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2")
+
+
+def test_text_iterator_streamer_yields_the_generated_text():
+    model = model64()
+    tokenizer = word_tokenizer()
+    ids = prompt(length=5)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=model.generate(ids, streamer=streamer, max_new_tokens=8, do_sample=False))
+    )
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    generated = result["out"][0, 5:]
+    assert len(generated) == 8
+    assert text.split() == tokenizer.decode(generated).split() == [f"w{i}" for i in generated.tolist()]
+
+
+class StopAfter(StoppingCriteria):
+    """Stops once `n` tokens have been generated after a prompt of `prompt_length`."""
+
+    def __init__(self, prompt_length, n):
+        self.prompt_length, self.n = prompt_length, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = input_ids.shape[1] - self.prompt_length >= self.n
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_stopping_criterion_is_honoured(n):
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    unstopped = model.generate(ids, max_new_tokens=12, do_sample=False)
+    with RecordDecoderInputs(model) as calls:
+        stopped = model.generate(
+            ids, max_new_tokens=12, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter(6, n)])
+        )
+    assert stopped.shape == (2, 6 + n)
+    assert torch.equal(stopped, unstopped[:, : 6 + n])
+    assert len(calls.lengths) == n  # no forward pass after the criterion said stop
+
+
+def test_repetition_penalty_changes_the_scores_identically_with_and_without_cache():
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    kwargs = dict(do_sample=False, max_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+    plain = model.generate(ids, **kwargs)
+    cached = model.generate(ids, repetition_penalty=1.5, **kwargs)
+    recomputed = model.generate(ids, repetition_penalty=1.5, use_cache=False, **kwargs)
+    assert not torch.allclose(plain.scores[0], cached.scores[0])  # the penalty is applied at all
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+# ----------------------------------------------------------------------- 9. beam search and the cache's rows
+
+
+def test_beam_search_reorders_the_cache(monkeypatch):
+    model = model64()
+    ids = prompt(batch=2, length=6)
+    kwargs = dict(num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=8)
+    reference = model.generate(ids, use_cache=False, **kwargs)
+
+    calls = []
+    original = RetNetCache.reorder_cache
+
+    def spy(self, beam_idx):
+        calls.append(beam_idx.clone())
+        return original(self, beam_idx)
+
+    monkeypatch.setattr(RetNetCache, "reorder_cache", spy)
+    out = model.generate(ids, **kwargs)
+    assert len(calls) >= 7 and all(idx.shape == (6,) for idx in calls)  # every step after the first, 2 x 3 rows
+    assert any(not torch.equal(idx, torch.arange(6)) for idx in calls)  # beams did move between rows
+    assert torch.equal(out, reference)
+
+    # and the comparison is sensitive to it: a cache that ignores the reordering decodes something else
+    monkeypatch.setattr(RetNetCache, "reorder_cache", lambda self, beam_idx: None)
+    assert not torch.equal(model.generate(ids, **kwargs), reference)
+
+
+@torch.no_grad()
+def test_cache_row_operations_keep_each_row_state():
+    model = tiny_model(torch.float64)
+    ids, nxt = prompt(batch=3, length=6), prompt(batch=3, length=2, seed=5)
+    reference = model(torch.cat([ids, nxt], dim=1)).logits[:, -2:]
+    cache = model(ids, use_cache=True).past_key_values
+
+    def continued(operation, *args, rows):
+        copied = copy.deepcopy(cache)
+        getattr(copied, operation)(*args)
+        assert copied.get_seq_length() == 6
+        return model(nxt[rows], past_key_values=copied).logits
+
+    repeat = torch.arange(3).repeat_interleave(2)
+    torch.testing.assert_close(continued("batch_repeat_interleave", 2, rows=repeat), reference[repeat], **TIGHT)
+    perm = torch.tensor([2, 0, 1, 1])
+    torch.testing.assert_close(continued("reorder_cache", perm, rows=perm), reference[perm], **TIGHT)
+    keep = torch.tensor([1])
+    torch.testing.assert_close(continued("batch_select_indices", keep, rows=keep), reference[keep], **TIGHT)
+    # the original cache was not touched by the operations on its copies
+    torch.testing.assert_close(model(nxt, past_key_values=cache).logits, reference, **TIGHT)
+
+
+def test_cache_reset_starts_over():
+    model = tiny_model(torch.float64)
+    ids = prompt(batch=2, length=5)
+    cache = model(prompt(batch=2, length=9, seed=3), use_cache=True).past_key_values
+    cache.reset()
+    assert cache.get_seq_length() == 0 and all(state is None for state in cache.states)
+    torch.testing.assert_close(model(ids, past_key_values=cache).logits, model(ids).logits, **TIGHT)

@@ -26,7 +26,7 @@ def _load_for_inference(folder: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # whatever the loaders raise (bad JSON, truncated safetensors, ...)
         raise UsageError(f"{folder}: cannot load the model or its tokenizer: {error}") from error
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 

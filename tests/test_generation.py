@@ -297,12 +297,16 @@ def with_pad_embedding(model, pad_embedding):
 
 
 @pytest.mark.parametrize("pad_embedding", ["zero", "random"])
-def test_left_padded_batch_generates_as_each_prompt_alone(pad_embedding):
+@pytest.mark.parametrize("positions", ["from_mask", "arange"])
+def test_left_padded_batch_generates_as_each_prompt_alone(pad_embedding, positions):
+    """`positions="from_mask"`: generate() derives position_ids from the mask (0 on the pads, so they restart at the
+    first real token); `"arange"`: explicit 0..W-1 on every row, where only the attention mask can hide the pads."""
     model = with_pad_embedding(model64(recurrent_chunk_size=4), pad_embedding)
     prompts = ragged_prompts()
     ids, mask = left_pad(prompts)
     kwargs = dict(do_sample=False, max_new_tokens=8, return_dict_in_generate=True, output_logits=True)
-    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    position_ids = torch.arange(ids.shape[1]).expand_as(ids) if positions == "arange" else None
+    batch = model.generate(ids, attention_mask=mask, position_ids=position_ids, **kwargs)
     width = ids.shape[1]
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], **kwargs)

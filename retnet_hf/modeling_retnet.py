@@ -57,6 +57,13 @@ class RetNetCache(Cache):
     def __len__(self) -> int:
         return len(self.states)
 
+    def __deepcopy__(self, memo) -> "RetNetCache":
+        """An independent copy (to return to this point later); the copy stays differentiable."""
+        copy = RetNetCache(len(self.states))
+        copy.states = [None if state is None else tuple(t.clone() for t in state) for state in self.states]
+        copy.num_tokens = self.num_tokens
+        return copy
+
     def __repr__(self) -> str:
         return f"RetNetCache(num_layers={len(self.states)}, num_tokens={self.num_tokens})"
 
@@ -504,6 +511,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """Give generate() a fresh RetNetCache up front (needed for chunked prefill); the base class would not."""
+        if generation_config.use_cache is not False and model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = RetNetCache(self.config.decoder_layers)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

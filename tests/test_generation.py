@@ -1,9 +1,10 @@
 """Generation and the recurrent cache: `generate()` with the state equals recomputing the whole prefix.
 
-Covered: every decoding mode with and without the cache, one token per decode step, a state that does not grow
-with the context, continuing from a returned cache (by hand and through `generate`), left padding, packed rows,
-refused assisted decoding, streamers, stopping criteria, repetition penalty, and the cache's row operations
-(beam search). Token sequences are compared exactly on float64 models, so no near-tie can flip a token.
+Covered: every decoding mode with and without the cache, one token per decode step, a state and a step cost that
+do not grow with the context, continuing from a returned cache (by hand, through `generate`, chunked prefill),
+left padding, packed rows, refused assisted decoding and cropping, streamers, stopping criteria, repetition
+penalty, and the cache's row operations (beam search). Token sequences are compared exactly on float64 models,
+so no near-tie can flip a token.
 """
 
 import copy
@@ -93,6 +94,11 @@ def left_pad(prompts, pad_token_id=0):
         ids[row, width - len(p) :] = p
         mask[row, width - len(p) :] = 1
     return ids, mask
+
+
+def ragged_prompts(lengths=(3, 11, 7)):
+    """Prompts of different lengths (with chunk size 4 the padding ends inside a chunk)."""
+    return [prompt(length=n, seed=10 + i)[0] for i, n in enumerate(lengths)]
 
 
 def pack(documents):
@@ -269,7 +275,10 @@ def test_generate_continues_from_its_returned_cache(new_user_tokens):
     reference = model.generate(history, max_new_tokens=4, do_sample=False, use_cache=False)
     with RecordDecoderInputs(model) as calls:
         second = model.generate(
-            history, past_key_values=first.past_key_values, max_new_tokens=4, do_sample=False,
+            history,
+            past_key_values=first.past_key_values,
+            max_new_tokens=4,
+            do_sample=False,
             return_dict_in_generate=True,
         )
     assert calls.lengths[0] == 1 + new_user_tokens  # only what the cache has not seen
@@ -277,14 +286,38 @@ def test_generate_continues_from_its_returned_cache(new_user_tokens):
     assert second.past_key_values.get_seq_length() == history.shape[1] + 3
 
 
+def test_generate_from_inputs_embeds_equals_from_input_ids():
+    model = model64()
+    ids = prompt(batch=2, length=10)
+    reference = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with RecordDecoderInputs(model) as calls:
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False)
+    assert calls.lengths == [10] + [1] * 5
+    assert torch.equal(from_embeds, reference[:, 10:])  # only the new tokens come back
+
+
+@pytest.mark.parametrize("explicit_cache", [True, False], ids=["given_cache", "default_cache"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_prefill_equals_one_prefill(explicit_cache, padded):
+    """`prefill_chunk_size` feeds the prompt in pieces of several tokens on top of a state."""
+    model = model64(recurrent_chunk_size=4)
+    if padded:
+        ids, mask = left_pad(ragged_prompts())
+    else:
+        ids, mask = prompt(batch=2, length=10), None
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    cache = RetNetCache(model.config.decoder_layers) if explicit_cache else None
+    with RecordDecoderInputs(model) as calls:
+        chunked = model.generate(
+            ids, attention_mask=mask, past_key_values=cache, prefill_chunk_size=3, max_new_tokens=6, do_sample=False
+        )
+    assert calls.lengths[:3] == [3, 3, 3] and calls.lengths[-5:] == [1] * 5
+    assert sum(calls.lengths) == ids.shape[1] + 5
+    assert torch.equal(chunked, reference)
+
+
 # ------------------------------------------------------------------------------------------ 5. left padding
-
-PROMPT_LENGTHS = (3, 11, 7)
-
-
-def ragged_prompts():
-    return [prompt(length=n, seed=10 + i)[0] for i, n in enumerate(PROMPT_LENGTHS)]
-
 
 def with_pad_embedding(model, pad_embedding):
     """`"zero"`: the pad row as initialised (padding_idx); `"random"`: a non-zero pad row, as a checkpoint may
@@ -308,6 +341,8 @@ def test_left_padded_batch_generates_as_each_prompt_alone(pad_embedding, positio
     position_ids = torch.arange(ids.shape[1]).expand_as(ids) if positions == "arange" else None
     batch = model.generate(ids, attention_mask=mask, position_ids=position_ids, **kwargs)
     width = ids.shape[1]
+    recomputed = model.generate(ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
+    assert torch.equal(batch.sequences, recomputed.sequences)
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], **kwargs)
         assert torch.equal(batch.sequences[row, width - len(p) :], alone.sequences[0]), f"row {row}"

@@ -7,6 +7,7 @@ except ImportError:  # transformers 4.x, as pinned by AutoTrain
 
 
 RETENTION_FORMS = ("auto", "parallel", "chunkwise", "recurrent")
+ROTARY_STYLES = ("torchscale", "neox")
 ACTIVATIONS = ("swish", "gelu")
 
 
@@ -39,6 +40,11 @@ class RetNetConfig(PreTrainedConfig):
             without one (False).
         share_decoder_input_output_embed (`bool`, alias `tie_word_embeddings`): tie `lm_head` to the embedding.
         recurrent_chunk_size (`int`): chunk length of the chunkwise form.
+        rotary_style (`str`): `"torchscale"`: rotate pairs (x_2i, x_2i+1) by 10000^-(i / (D/2 - 1)) per position;
+            `"neox"`: rotate halves (x_i, x_i+D/2) by 10000^-(2i / D) (flash-linear-attention's RetNet).
+        retention_normalization (`bool`): divide retention outputs by the square root of the decay sum, as
+            torchscale (True), or not, as flash-linear-attention (False).
+        group_norm_affine (`bool`): a learnable weight [Dv] in the per-head group norm (flash-linear-attention).
         retention_form (`str`): `"parallel"`, `"chunkwise"`, `"recurrent"`, or `"auto"`: recurrent for one-token
             steps, chunkwise otherwise (a sequence no longer than one chunk is then computed in parallel).
     """
@@ -71,6 +77,9 @@ class RetNetConfig(PreTrainedConfig):
         decoder_normalize_before: bool = True,
         share_decoder_input_output_embed: bool = False,
         recurrent_chunk_size: int = 512,
+        rotary_style: str = "torchscale",
+        retention_normalization: bool = True,
+        group_norm_affine: bool = False,
         retention_form: str = "auto",
         use_cache: bool = True,
         pad_token_id: int = None,
@@ -95,6 +104,9 @@ class RetNetConfig(PreTrainedConfig):
             decoder_normalize_before=decoder_normalize_before and not deepnorm,
             share_decoder_input_output_embed=share_decoder_input_output_embed,
             recurrent_chunk_size=recurrent_chunk_size,
+            rotary_style=rotary_style,
+            retention_normalization=retention_normalization,
+            group_norm_affine=group_norm_affine,
             retention_form=retention_form,
             use_cache=use_cache,
         )
@@ -142,6 +154,8 @@ class RetNetConfig(PreTrainedConfig):
             )
         if self.activation_fn not in ACTIVATIONS:
             raise ValueError(f"RetNetConfig.activation_fn={self.activation_fn!r}; allowed: {', '.join(ACTIVATIONS)}.")
+        if self.rotary_style not in ROTARY_STYLES:
+            raise ValueError(f"RetNetConfig.rotary_style={self.rotary_style!r}; allowed: {', '.join(ROTARY_STYLES)}.")
         if self.retention_form not in RETENTION_FORMS:
             raise ValueError(
                 f"RetNetConfig.retention_form={self.retention_form!r}; allowed: {', '.join(RETENTION_FORMS)}."

@@ -127,7 +127,9 @@ class RetNetRMSNorm(nn.Module):
 class RetNetRelPos(nn.Module):
     """Rotation angles and per-head decays, as torchscale's `RetNetRelPos` (its buffers, same names and values).
 
-    `angle` [D]: theta_i = 10000^-(i / (D/2 - 1)), i < D/2, each repeated twice (pairs are rotated, GPT-J style).
+    `angle` [D]: with `rotary_style="torchscale"`, theta_i = 10000^-(i / (D/2 - 1)), i < D/2, each repeated twice
+    (pairs (x_2i, x_2i+1) are rotated, GPT-J style); with `"neox"`, theta_i = 10000^-(2i / D) for the two halves
+    (x_i, x_i+D/2) are rotated, as in flash-linear-attention.
     `decay` [H]: log(gamma_h) with gamma_h = 1 - 2^(-5-h).
     """
 
@@ -135,15 +137,21 @@ class RetNetRelPos(nn.Module):
         super().__init__()
         heads = config.decoder_retention_heads
         self.key_head_dim = config.decoder_embed_dim // heads
+        self.rotary_style = config.rotary_style
         self.register_buffer("angle", torch.zeros(self.key_head_dim, dtype=torch.float32))
         self.register_buffer("decay", torch.zeros(heads, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self):
-        angle = 1.0 / (10000 ** torch.linspace(0, 1, self.key_head_dim // 2))
+        half = self.key_head_dim // 2
+        if self.rotary_style == "neox":
+            theta = 1.0 / (10000 ** (torch.arange(0, self.key_head_dim, 2, dtype=torch.float) / self.key_head_dim))
+            angle = torch.cat([theta, theta])
+        else:
+            angle = (1.0 / (10000 ** torch.linspace(0, 1, half))).repeat_interleave(2)
         decay = torch.log(1 - 2 ** (-5 - torch.arange(self.decay.shape[0], dtype=torch.float)))
         with torch.no_grad():
-            self.angle.copy_(angle.repeat_interleave(2))
+            self.angle.copy_(angle)
             self.decay.copy_(decay)
 
     def _apply(self, fn, recurse=True):
@@ -163,11 +171,16 @@ class RetNetRelPos(nn.Module):
         return phase.cos(), phase.sin()
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_2i, x_2i+1) by its angle: `x * cos + (-x_2i+1, x_2i) * sin`. `x`: `[B, H, T, D]`."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """`x * cos + partner(x) * sin`, where the partner of (a, b) is (-b, a): pairs (x_2i, x_2i+1) for
+    `style="torchscale"`, halves (x_i, x_i+D/2) for `"neox"`. `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D]`."""
+    if style == "neox":
+        first, second = x.chunk(2, dim=-1)
+        partner = torch.cat((-second, first), dim=-1)
+    else:
+        pairs = x.unflatten(-1, (-1, 2))
+        partner = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + partner * sin
 
 
 class MultiScaleRetention(nn.Module):
@@ -184,6 +197,8 @@ class MultiScaleRetention(nn.Module):
         self.value_head_dim = dv // heads
         self.scaling = self.key_head_dim**-0.5
         self.chunk_size = config.recurrent_chunk_size
+        self.rotary_style = config.rotary_style
+        self.retention_normalization = config.retention_normalization
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, dv, bias=False)
@@ -194,7 +209,9 @@ class MultiScaleRetention(nn.Module):
         for proj, gain in ((self.q_proj, 2**-2.5), (self.k_proj, 2**-2.5), (self.g_proj, 2**-2.5),
                            (self.v_proj, 2**-2.5 * deepnorm_gain), (self.out_proj, 2**-1 * deepnorm_gain)):
             proj.xavier_gain = gain
-        self.group_norm = RetNetRMSNorm(self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=False)
+        self.group_norm = RetNetRMSNorm(
+            self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=config.group_norm_affine
+        )
 
     def forward(
         self,
@@ -216,15 +233,16 @@ class MultiScaleRetention(nn.Module):
         k = k.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
         cos, sin = rotation
-        q = rotate_pairs(q.to(cos.dtype), cos, sin)
-        k = rotate_pairs(k.to(cos.dtype), cos, sin)
+        q = rotate(q.to(cos.dtype), cos, sin, self.rotary_style)
+        k = rotate(k.to(cos.dtype), cos, sin, self.rotary_style)
 
+        normalize = self.retention_normalization
         if form == "parallel":
-            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets)
+            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets, normalize)
         elif form == "chunkwise":
-            out, state = chunkwise_retention(q, k, v, log_decay, self.chunk_size, state, valid, resets)
+            out, state = chunkwise_retention(q, k, v, log_decay, self.chunk_size, state, valid, resets, normalize)
         else:
-            out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets)
+            out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets, normalize)
 
         out = self.group_norm(out).to(hidden_states.dtype)  # [B, H, T, Dv]
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)

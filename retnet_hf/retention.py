@@ -24,6 +24,8 @@ Shapes: ``q``, ``k`` are ``[B, H, T, Dk]``, ``v`` is ``[B, H, T, Dv]``, ``log_de
 ``resets`` ``[B, T]`` (bool) marks the first token of a document: the state before it is discarded, so
 documents packed in one row do not see each other. Every form returns ``(o [B, H, T, Dv], state)``.
 Computation runs in float32 at least (float64 stays float64), so half-precision inputs cannot overflow.
+With ``normalize=False`` the outputs are not divided by ``sqrt(max(scale_n, 1))`` (flash-linear-attention's
+RetNet); the state keeps the same form either way.
 """
 
 from typing import Optional, Tuple
@@ -70,6 +72,7 @@ def parallel_retention(
     state: Optional[RetentionState] = None,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
+    normalize: bool = True,
 ) -> Tuple[torch.Tensor, RetentionState]:
     """All positions at once, with a ``[T, T]`` decay matrix per head::
 
@@ -100,7 +103,8 @@ def parallel_retention(
         carry = carry * (document == 0)[:, None, :].to(dtype)
     out = out + carry[..., None] * (q @ s_raw)
     scale = scale + carry * scale_in[..., None]
-    out = out / scale.clamp(min=1).sqrt()[..., None]
+    if normalize:
+        out = out / scale.clamp(min=1).sqrt()[..., None]
 
     last_row = mask[:, :, -1, :].expand(batch, heads, length)  # weight of every token in the final state
     s_raw = (k * last_row[..., None]).transpose(-1, -2) @ v + carry[..., -1, None, None] * s_raw
@@ -116,6 +120,7 @@ def chunkwise_retention(
     state: Optional[RetentionState] = None,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
+    normalize: bool = True,
 ) -> Tuple[torch.Tensor, RetentionState]:
     """The parallel form inside chunks of ``chunk_size`` tokens, the state carried across chunks::
 
@@ -134,6 +139,7 @@ def chunkwise_retention(
             state,
             None if valid is None else valid[:, piece],
             None if resets is None else resets[:, piece],
+            normalize,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
@@ -147,6 +153,7 @@ def recurrent_retention(
     state: Optional[RetentionState] = None,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
+    normalize: bool = True,
 ) -> Tuple[torch.Tensor, RetentionState]:
     """One token at a time, torchscale's recurrence::
 
@@ -172,6 +179,6 @@ def recurrent_retention(
             kv = kv * weight[..., None, None]
         s_raw = keep[..., None, None] * s_raw + kv
         scale = keep * scale + weight
-        s = s_raw / scale.clamp(min=1).sqrt()[..., None, None]
+        s = s_raw / scale.clamp(min=1).sqrt()[..., None, None] if normalize else s_raw
         outputs.append((q[:, :, t, None, :] @ s).squeeze(2))
     return torch.stack(outputs, dim=2), _normalized(s_raw, scale)

@@ -220,3 +220,27 @@ def test_rotation_angles_survive_half_precision_loading(tmp_path):
     loaded = RetNetForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.model.retnet_rel_pos.angle.dtype == torch.float32
     assert loaded.model.layers[0].retention.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_flash_linear_attention_variant_forms_agree():
+    """rotary_style="neox", no retention normalisation, an affine group norm: the forms still agree exactly."""
+    model = tiny_model(torch.float64, rotary_style="neox", retention_normalization=False, group_norm_affine=True,
+                       no_scale_embedding=True, recurrent_chunk_size=4)
+    with torch.no_grad():
+        model.model.layers[0].retention.group_norm.weight.uniform_(0.5, 1.5)
+    assert "model.layers.0.retention.group_norm.weight" in model.state_dict()
+    x = tokens(length=15)
+    ref = model(x, retention_form="parallel").logits
+    for form in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(model(x, retention_form=form).logits, ref, rtol=1e-10, atol=1e-10)
+    angle = model.model.retnet_rel_pos.angle
+    half = angle.shape[0] // 2
+    torch.testing.assert_close(angle[:half], angle[half:])
+    torch.testing.assert_close(angle[1].double(), torch.tensor(10000 ** (-2 / 16), dtype=torch.float64))
+
+
+def test_rotary_styles_differ():
+    x = tokens(length=12)
+    a = tiny_model(torch.float64)(x).logits
+    b = tiny_model(torch.float64, rotary_style="neox")(x).logits
+    assert not torch.allclose(a, b, atol=1e-6)

@@ -154,3 +154,24 @@ def test_half_precision_inputs_compute_in_float32():
     )
     assert out.dtype == s.dtype == scale.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
+    """normalize=False (flash-linear-attention's RetNet): o_n = sum_m gamma^(n-m) w_m (q_n.k_m) v_m."""
+    q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=21)
+    masks = select(mask_kind, valid, resets)
+    ref, ref_state = parallel_retention(q, k, v, log_decay, normalize=False, **masks)
+    normalized, _ = parallel_retention(q, k, v, log_decay, **masks)
+    scale_sqrt = (ref.norm(dim=-1) / normalized.norm(dim=-1).clamp(min=1e-300))
+    assert (scale_sqrt[normalized.norm(dim=-1) > 0] >= 1 - 1e-12).all()  # the only difference: a factor >= 1
+    for out, state in (
+        chunkwise_retention(q, k, v, log_decay, 4, normalize=False, **masks),
+        recurrent_retention(q, k, v, log_decay, normalize=False, **masks),
+    ):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state[0], ref_state[0], rtol=1e-12, atol=1e-12)
+    # against the defining sum: undo the normalisation of the direct evaluation
+    direct = direct_sum(q, k, v, log_decay, **masks)
+    torch.testing.assert_close(ref / ref.norm(dim=-1, keepdim=True).clamp(min=1e-300),
+                               direct / direct.norm(dim=-1, keepdim=True).clamp(min=1e-300), rtol=1e-10, atol=1e-10)

@@ -161,24 +161,34 @@ def recurrent_retention(
         S_n     = (gamma sqrt(max(scale_{n-1}, 1)) S_{n-1} + w_n k_n^T v_n) / sqrt(max(scale_n, 1))
         o_n     = q_n S_n
 
-    (``gamma`` is 0 at a reset). Cost O(1) per token: this is the decoding step.
+    (``gamma`` is 0 at a reset). Cost O(1) per token: this is the decoding step. When autograd is off and the
+    incoming state already has the compute dtype, the state is updated in place (no copy of it per token).
     """
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     dtype = _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
     gamma = log_decay.exp()[None, :].expand(batch, heads)
-    s_raw, scale = _unnormalized(state, batch, heads, dk, dv, dtype, q.device)
+    if state is None:
+        s = torch.zeros(batch * heads, dk, dv, dtype=dtype, device=q.device)
+        scale = torch.zeros(batch, heads, dtype=dtype, device=q.device)
+        in_place = not torch.is_grad_enabled()
+    else:
+        s, scale = state[0].to(dtype).reshape(batch * heads, dk, dv), state[1].to(dtype)
+        in_place = not torch.is_grad_enabled() and state[0].dtype == dtype
 
+    root = scale.clamp(min=1).sqrt()
     outputs = []
     for t in range(length):
         keep = gamma if resets is None else gamma * (~resets[:, t, None]).to(dtype)
         weight = 1.0 if valid is None else valid[:, t, None].to(dtype)
-        kv = k[:, :, t, :, None] * v[:, :, t, None, :]  # [B, H, Dk, Dv]
-        if valid is not None:
-            kv = kv * weight[..., None, None]
-        s_raw = keep[..., None, None] * s_raw + kv
         scale = keep * scale + weight
-        s = s_raw / scale.clamp(min=1).sqrt()[..., None, None] if normalize else s_raw
-        outputs.append((q[:, :, t, None, :] @ s).squeeze(2))
-    return torch.stack(outputs, dim=2), _normalized(s_raw, scale)
+        new_root = scale.clamp(min=1).sqrt()
+        carry = (keep * root / new_root).reshape(-1, 1, 1)
+        k_t = (k[:, :, t] * (weight / new_root)[..., None]).reshape(-1, dk, 1)
+        v_t = v[:, :, t].reshape(-1, 1, dv)
+        s = s.mul_(carry).baddbmm_(k_t, v_t) if in_place else torch.baddbmm(s * carry, k_t, v_t)
+        out = torch.bmm(q[:, :, t].reshape(-1, 1, dk), s).reshape(batch, heads, dv)
+        outputs.append(out if normalize else out * new_root[..., None])
+        root = new_root
+    return torch.stack(outputs, dim=2), (s.reshape(batch, heads, dk, dv), scale)

@@ -222,7 +222,8 @@ class MultiScaleRetention(nn.Module):
         state: Optional[RetentionState] = None,
         valid: Optional[torch.Tensor] = None,
         resets: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, RetentionState]:
+        with_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states)
         k = self.k_proj(hidden_states) * self.scaling
@@ -238,9 +239,11 @@ class MultiScaleRetention(nn.Module):
 
         normalize = self.retention_normalization
         if form == "parallel":
-            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets, normalize)
+            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets, normalize, with_state)
         elif form == "chunkwise":
-            out, state = chunkwise_retention(q, k, v, log_decay, self.chunk_size, state, valid, resets, normalize)
+            out, state = chunkwise_retention(
+                q, k, v, log_decay, self.chunk_size, state, valid, resets, normalize, with_state
+            )
         else:
             out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets, normalize)
 
@@ -298,15 +301,16 @@ class RetNetDecoderLayer(nn.Module):
         state: Optional[RetentionState] = None,
         valid: Optional[torch.Tensor] = None,
         resets: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, RetentionState]:
+        with_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
         """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
         if self.normalize_before:
             mixed, state = self.retention(
-                self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets
+                self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets, with_state
             )
             hidden_states = hidden_states * self.alpha + self.dropout(mixed)
             return hidden_states * self.alpha + self.dropout(self.ffn(self.final_layer_norm(hidden_states))), state
-        mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets)
+        mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets, with_state)
         hidden_states = self.retention_layer_norm(hidden_states * self.alpha + self.dropout(mixed))
         return self.final_layer_norm(hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))), state
 
@@ -461,10 +465,12 @@ class RetNetModel(RetNetPreTrainedModel):
             state = past_key_values.states[idx] if has_state else None
             if self.gradient_checkpointing and self.training:
                 hidden_states, state = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, rotation, log_decay, form, state, valid, resets
+                    layer.__call__, hidden_states, rotation, log_decay, form, state, valid, resets, use_cache
                 )
             else:
-                hidden_states, state = layer(hidden_states, rotation, log_decay, form, state, valid, resets)
+                hidden_states, state = layer(
+                    hidden_states, rotation, log_decay, form, state, valid, resets, use_cache
+                )
             if use_cache:
                 past_key_values.update_state(idx, state)
         if use_cache:

@@ -73,20 +73,25 @@ def parallel_retention(
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-) -> Tuple[torch.Tensor, RetentionState]:
+    with_state: bool = True,
+    decay: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """All positions at once, with a ``[T, T]`` decay matrix per head::
 
         O = ((Q K^T) * D) V  +  gamma^(n+1) Q S_0'      then each row divided by sqrt(max(scale_n, 1))
 
     where ``D[n, m] = gamma^(n-m) w_m [m <= n, same document]`` and ``S_0'`` is the incoming state
     unnormalised (it reaches only the tokens before the first reset). Cost O(T^2) time and memory.
+    ``with_state=False`` skips the final state (returns None in its place), which training does not need;
+    ``decay`` may pass ``decay_matrix(log_decay, n)`` for some ``n >= T``, computed once for many calls.
     """
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     dtype = _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
 
-    mask = decay_matrix(log_decay, length)[None]  # [1, H, T, T]
+    decay = decay_matrix(log_decay, length) if decay is None else decay[:, :length, :length].to(dtype)
+    mask = decay[None]  # [1, H, T, T]
     if resets is not None:
         document = resets.long().cumsum(-1)  # [B, T]
         mask = mask * (document[:, :, None] == document[:, None, :])[:, None].to(dtype)
@@ -106,6 +111,8 @@ def parallel_retention(
     if normalize:
         out = out / scale.clamp(min=1).sqrt()[..., None]
 
+    if not with_state:
+        return out, None
     last_row = mask[:, :, -1, :].expand(batch, heads, length)  # weight of every token in the final state
     s_raw = (k * last_row[..., None]).transpose(-1, -2) @ v + carry[..., -1, None, None] * s_raw
     return out, _normalized(s_raw, scale[..., -1])
@@ -121,15 +128,18 @@ def chunkwise_retention(
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-) -> Tuple[torch.Tensor, RetentionState]:
+    with_state: bool = True,
+) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """The parallel form inside chunks of ``chunk_size`` tokens, the state carried across chunks::
 
         O[c] = parallel_retention(Q[c], K[c], V[c], state_{c-1});   state_c = its final state
 
     Exact for any length (the last chunk may be shorter). Cost O(T * chunk_size) time and memory.
     """
+    length = q.shape[2]
+    decay = decay_matrix(log_decay.to(_compute_dtype(q.dtype)), min(chunk_size, length))
     outputs = []
-    for start in range(0, q.shape[2], chunk_size):
+    for start in range(0, length, chunk_size):
         piece = slice(start, start + chunk_size)
         out, state = parallel_retention(
             q[:, :, piece],
@@ -140,6 +150,8 @@ def chunkwise_retention(
             None if valid is None else valid[:, piece],
             None if resets is None else resets[:, piece],
             normalize,
+            with_state or start + chunk_size < length,
+            decay,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state

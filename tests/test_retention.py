@@ -175,3 +175,14 @@ def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
     direct = direct_sum(q, k, v, log_decay, **masks)
     torch.testing.assert_close(ref / ref.norm(dim=-1, keepdim=True).clamp(min=1e-300),
                                direct / direct.norm(dim=-1, keepdim=True).clamp(min=1e-300), rtol=1e-10, atol=1e-10)
+
+
+def test_skipping_the_state_changes_nothing_else():
+    q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=29)
+    ref, _ = parallel_retention(q, k, v, log_decay, valid=valid, resets=resets)
+    out, state = parallel_retention(q, k, v, log_decay, valid=valid, resets=resets, with_state=False)
+    assert state is None
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out, state = chunkwise_retention(q, k, v, log_decay, 8, valid=valid, resets=resets, with_state=False)
+    assert state is None
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

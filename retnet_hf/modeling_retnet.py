@@ -163,12 +163,16 @@ class RetNetRelPos(nn.Module):
             self.reset_parameters()
         return self
 
-    def forward(self, start: int, length: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`(cos, sin)` of shape `[length, D]` for positions start .. start + length - 1, in at least float32."""
+    def forward(
+        self, start: int, length: int, dtype: torch.dtype
+    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`((cos, sin), log_decay)`: `cos`, `sin` of shape `[length, D]` for positions start .. start + length - 1,
+        in at least float32, and the per-head log decays `[H]` (returned here, not read from the buffer elsewhere,
+        so that accelerate's offloading hooks around this module apply)."""
         dtype = torch.promote_types(dtype, torch.float32)
         position = torch.arange(start, start + length, device=self.angle.device, dtype=dtype)
         phase = position[:, None] * self.angle.to(dtype)[None, :]
-        return phase.cos(), phase.sin()
+        return (phase.cos(), phase.sin()), self.decay
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -325,6 +329,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_cache_class = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' `save_pretrained`; `auto_map` names every RetNet Auto class, so that a causal-LM folder
+        also loads as `AutoModel` or `AutoModelForSequenceClassification` with `trust_remote_code=True`."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_retnet.RetNetConfig",
+            "AutoModel": "modeling_retnet.RetNetModel",
+            "AutoModelForCausalLM": "modeling_retnet.RetNetForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_retnet.RetNetForSequenceClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own RetNetCache
@@ -456,8 +472,7 @@ class RetNetModel(RetNetPreTrainedModel):
             hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = self.dropout(hidden_states)
 
-        rotation = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
-        log_decay = self.retnet_rel_pos.decay
+        rotation, log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
         all_hidden_states = () if output_hidden_states else None
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:

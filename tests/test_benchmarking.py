@@ -1,0 +1,203 @@
+"""The benchmark helpers and scripts (issue 6): correctness only, no timing is asserted.
+
+- `same_size_llama` lands within 3% of RetNet's parameter count (counted on real modules), and refuses when it
+  cannot;
+- `PeakMemory` sees a large allocation and does not invent one;
+- each script's `--quick` mode runs end to end (through its `main`), prints a table with its columns and writes a
+  PNG; torchscale's and ours' logits agree in that run.
+"""
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from retnet_hf import RetNetConfig, RetNetForCausalLM
+from retnet_hf import benchmarking as bench
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def count_on_meta(model_class, config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_class(config).parameters())
+
+
+@pytest.mark.parametrize("size", ["125m", "base"])
+def test_same_size_llama_is_within_three_percent(size):
+    retnet_config = bench.SIZES[size]()
+    llama_config = bench.same_size_llama(retnet_config)
+    retnet_count = count_on_meta(RetNetForCausalLM, retnet_config)
+    llama_count = count_on_meta(LlamaForCausalLM, llama_config)
+    assert retnet_count == bench.retnet_parameter_count(retnet_config)
+    assert llama_count == bench.llama_parameter_count(llama_config)
+    assert abs(llama_count / retnet_count - 1) <= 0.03, (retnet_count, llama_count)
+    assert llama_config.vocab_size == retnet_config.vocab_size
+    assert llama_config.hidden_size == retnet_config.decoder_embed_dim
+    assert llama_config.num_hidden_layers == retnet_config.decoder_layers
+    assert llama_config._attn_implementation == "sdpa"
+    assert llama_config.tie_word_embeddings == retnet_config.share_decoder_input_output_embed
+
+
+def test_125m_sizes_are_as_documented():
+    config = bench.retnet_125m_config()
+    assert (config.decoder_embed_dim // config.decoder_retention_heads) == 256
+    assert bench.retnet_parameter_count(config) == 124_373_760
+    llama = bench.same_size_llama(config)
+    assert (llama.num_attention_heads, llama.head_dim, llama.intermediate_size) == (12, 64, 1696)
+    assert bench.llama_parameter_count(llama) == 124_373_760  # 4 d^2 + 3 d 1696 = 2 d^2 + 6 d 1104 exactly
+
+
+def test_same_size_llama_refuses_an_impossible_match():
+    # Llama's attention (4 d^2 per layer) alone outweighs a RetNet with almost no value or feed-forward width.
+    retnet_config = RetNetConfig(vocab_size=16, decoder_embed_dim=256, decoder_value_embed_dim=2,
+                                 decoder_ffn_embed_dim=2, decoder_layers=2, decoder_retention_heads=2)
+    with pytest.raises(ValueError, match="within 3%"):
+        bench.same_size_llama(retnet_config)
+
+
+def test_peak_memory_sees_a_large_allocation_and_nothing_else():
+    size = 256 * bench.MB
+    with bench.PeakMemory() as peak:
+        x = torch.ones(size // 4, dtype=torch.float32)  # written, so its pages are resident
+        time.sleep(0.05)
+        del x  # freed inside the block: only the sampler can have seen it
+    assert peak.method == "sampled RSS"
+    assert peak.peak_bytes > 0.8 * size, peak.peak_mb
+
+    with bench.PeakMemory() as idle:
+        time.sleep(0.05)
+    assert idle.peak_bytes < 0.2 * size, idle.peak_mb
+
+
+def test_cache_bytes_match_the_formulas():
+    retnet, llama = bench.build_models(bench.retnet_tiny_config())
+    tokens = torch.zeros(2, 40, dtype=torch.long)
+    with torch.no_grad():
+        retnet_cache = retnet(tokens, use_cache=True).past_key_values
+        llama_cache = llama(tokens, use_cache=True).past_key_values
+    assert bench.cache_bytes(retnet_cache) == bench.retnet_state_bytes(retnet.config, batch=2)
+    assert bench.cache_bytes(llama_cache) == bench.llama_kv_bytes(llama.config, 40, batch=2)
+    # per-step weight bytes leave out the input embedding table (untied), and only it
+    total = sum(p.numel() * 4 for p in retnet.parameters())
+    assert bench.weight_bytes_per_token(retnet) == total - retnet.model.embed_tokens.weight.numel() * 4
+
+
+def test_chunkwise_crossover_ignores_one_chunk_and_needs_every_longer_length():
+    def rows(pairs):
+        return [
+            {"variant": variant, "length": length, "mode": "forward", "seconds": seconds, "skipped": None}
+            for length, (parallel, chunkwise) in pairs.items()
+            for variant, seconds in (("RetNet parallel", parallel), ("RetNet chunkwise", chunkwise))
+        ]
+
+    assert bench.chunkwise_crossover(rows({512: (2.0, 1.0), 1024: (1.0, 2.0), 2048: (3.0, 1.0)}), "forward",
+                                     chunk_size=512) == 2048
+    assert bench.chunkwise_crossover(rows({512: (2.0, 1.0), 1024: (3.0, 2.0), 2048: (9.0, 1.0)}), "forward",
+                                     chunk_size=512) == 1024
+    assert bench.chunkwise_crossover(rows({1024: (1.0, 2.0)}), "forward", chunk_size=512) is None
+
+
+def test_parse_ints():
+    assert bench.parse_ints("512,2k, 16k") == [512, 2048, 16384]
+    assert bench.parse_ints("32 64") == [32, 64]
+
+
+def table_rows(output: str, columns):
+    """The rows of the markdown table whose header is exactly `columns`."""
+    lines = output.splitlines()
+    header = "| " + " | ".join(columns) + " |"
+    assert header in lines, output
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def check_png(path: Path):
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_decode_quick(tmp_path, capsys):
+    script = load_script("bench_decode")
+    assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
+    output = capsys.readouterr().out
+    assert "CPU:" in output and "torch" in output and "measured read bandwidth" in output
+    rows = table_rows(output, script.COLUMNS)
+    # tiny contexts 32 and 64, batch 1 and 2, two models, two paths
+    assert len(rows) == 2 * 2 * 2 * 2
+    keys = {(row[0], row[1], row[2], row[3]) for row in rows}
+    assert ("RetNet", "64", "2", "generate") in keys and ("Llama", "32", "1", "step") in keys
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0 and float(row[6]) > 0  # ms/step, tokens/s, ideal
+    check_png(tmp_path / "decode.png")
+    saved = json.loads((tmp_path / "decode.json").read_text())
+    # the state does not grow with the context; the KV cache doubles from 32 to 64 tokens
+    cache = {(row["model"], row["context"]): row["cache MB"] for row in saved if row["batch"] == 1}
+    assert cache[("RetNet", 32)] == cache[("RetNet", 64)]
+    assert math.isclose(cache[("Llama", 64)], 2 * cache[("Llama", 32)])
+
+
+def test_bench_prefill_quick(tmp_path, capsys):
+    script = load_script("bench_prefill")
+    assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
+    output = capsys.readouterr().out
+    assert "CPU:" in output and "measured read bandwidth" in output
+    rows = table_rows(output, script.COLUMNS)
+    assert len(rows) == 3 * 2 * 2  # variants x lengths x modes
+    assert {row[0] for row in rows} == set(bench.PREFILL_VARIANTS)
+    assert {row[3] for row in rows} == {"forward", "forward+backward"}
+    assert all(float(row[4]) > 0 for row in rows)
+    assert "chunkwise (chunk 32)" in output
+    check_png(tmp_path / "prefill.png")
+
+
+def test_bench_torchscale_quick(tmp_path, capsys):
+    pytest.importorskip("torchscale")
+    pytest.importorskip("fairscale")
+    script = load_script("bench_torchscale")
+    assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
+    output = capsys.readouterr().out
+    assert "CPU:" in output and "measured read bandwidth" in output
+    rows = table_rows(output, script.COLUMNS)
+    assert [row[0] for row in rows] == ["16", "64"]
+    check_png(tmp_path / "torchscale.png")
+    saved = json.loads((tmp_path / "torchscale.json").read_text())
+    # same weights, same logits: float32 rounding only
+    assert all(row["max rel diff"] < 1e-4 for row in saved), saved
+
+
+def test_prefill_skips_points_that_would_not_fit():
+    retnet, llama = bench.build_models(bench.retnet_tiny_config())
+    rows = bench.prefill_benchmark(retnet, llama, [32], modes=["forward"], memory_fraction=1e-12)
+    assert len(rows) == 3
+    assert all(row["skipped"].startswith("needs ~") and "seconds" not in row for row in rows)
+    table = bench.format_table(rows, ["variant", "length", "seconds"])
+    assert table.count("skipped: needs ~") == 3
+
+
+def test_prefill_training_step_with_gradient_checkpointing():
+    retnet, llama = bench.build_models(bench.retnet_tiny_config())
+    rows = bench.prefill_benchmark(retnet, llama, [48], modes=["forward+backward"], gradient_checkpointing=True)
+    assert [row["variant"] for row in rows] == list(bench.PREFILL_VARIANTS)
+    assert all(row["skipped"] is None and row["seconds"] > 0 for row in rows)
+    assert retnet.model.gradient_checkpointing and not retnet.training  # back in eval mode afterwards
+    assert all(p.grad is None for p in retnet.parameters())

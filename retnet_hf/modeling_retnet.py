@@ -332,6 +332,13 @@ class RetNetPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers' `save_pretrained`; `auto_map` names every RetNet Auto class, so that a causal-LM folder
         also loads as `AutoModel` or `AutoModelForSequenceClassification` with `trust_remote_code=True`."""
+        if getattr(self, "_auto_class", None) is None:
+            # transformers 4.x does not mark a class loaded with trust_remote_code for saving its code
+            self._auto_class = {
+                "RetNetModel": "AutoModel",
+                "RetNetForCausalLM": "AutoModelForCausalLM",
+                "RetNetForSequenceClassification": "AutoModelForSequenceClassification",
+            }.get(type(self).__name__)
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_retnet.RetNetConfig",

@@ -360,6 +360,41 @@ for folder in ("tied", "untied"):
         torch.manual_seed(1234)
         results["sampled"] = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=0)
         results["beams"] = model.generate(ids, max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False)
+
+    # Each step below records its error instead of raising, so that one broken step fails only its own test.
+    # gradient checkpointing as 4.48's Trainer enables it (4.48's default: use_reentrant=True)
+    try:
+        model.train()
+        model.gradient_checkpointing_enable()
+        results["checkpointing_active"] = bool(model.model.gradient_checkpointing)
+        model(ids, labels=ids).loss.backward()
+        results["checkpointed_grads"] = {name: None if p.grad is None else p.grad.clone()
+                                         for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_disable()
+        model.eval()
+    except Exception as error:
+        results["checkpointed_grads"] = f"{type(error).__name__}: {error}"
+    # saved again under 4.48 (a model fine-tuned with a 4.x Trainer): the folder must still carry the code
+    try:
+        saved = Path(folder + "_saved_448").resolve()
+        model.save_pretrained(saved)
+        results["saved_448"] = str(saved)
+    except Exception as error:
+        results["saved_448"] = f"{type(error).__name__}: {error}"
+    # resize_token_embeddings under 4.48 (its tying reads `_tied_weights_keys`, a dict in our code)
+    try:
+        model.resize_token_embeddings(80)
+        with torch.no_grad():
+            resized_logits = model(ids).logits
+        results["resized"] = {
+            "vocab_size": model.config.vocab_size,
+            "shapes": (tuple(model.model.embed_tokens.weight.shape), tuple(model.lm_head.weight.shape)),
+            "tied": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+            "logits": resized_logits,
+        }
+    except Exception as error:
+        results["resized"] = f"{type(error).__name__}: {error}"
 torch.save(all_results, "results.pt")
 print("ok", transformers.__version__)
 """
@@ -418,6 +453,54 @@ def test_trust_remote_code_under_transformers_448(transformers_448_run, tied):
         assert results[key].shape == greedy.shape, key
         assert torch.equal(results[key][:, : ids.shape[1]], ids), key
         assert ((results[key] >= 0) & (results[key] < 64)).all(), key
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gradient_checkpointing_under_transformers_448(transformers_448_run, tied):
+    _, _, all_results = transformers_448_run
+    results = all_results["tied" if tied else "untied"]
+    checkpointed = results["checkpointed_grads"]
+    assert not isinstance(checkpointed, str), f"gradient checkpointing failed under transformers 4.48: {checkpointed}"
+    assert results["checkpointing_active"]
+    assert checkpointed.keys() == results["grads"].keys()
+    for name, grad in results["grads"].items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_folder_saved_under_transformers_448_keeps_its_code(transformers_448_run, tied):
+    """A model loaded with trust_remote_code under 4.48 (AutoTrain pins 4.x) and saved again must still be a
+    complete folder: config.json's auto_map names modeling_retnet.py, so that file and retention.py must be
+    copied too. (4.48's Auto classes do not call `register_for_auto_class` on a remote model class, so 4.48
+    copies only the code of classes whose `_auto_class` is set by the class itself.)"""
+    models, ids, all_results = transformers_448_run
+    saved = all_results["tied" if tied else "untied"]["saved_448"]
+    assert Path(saved).is_dir(), f"save_pretrained failed under transformers 4.48: {saved}"
+    saved = Path(saved)
+    files = {p.name for p in saved.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith(".bin") for name in files), files
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    needed = {reference.split(".")[0] + ".py" for reference in auto_map.values()}
+    assert "modeling_retnet.py" in needed, auto_map
+    missing = sorted((needed | set(CODE_FILES)) - files)
+    assert not missing, f"a folder saved under transformers 4.48 lacks {missing} (it has {sorted(files)})"
+    # and the folder loads here again, with the same weights
+    loaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert_same_state_dict(models["tied" if tied else "untied"].state_dict(), loaded.state_dict())
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_resize_token_embeddings_under_transformers_448(transformers_448_run, tied):
+    models, ids, all_results = transformers_448_run
+    resized = all_results["tied" if tied else "untied"]["resized"]
+    assert not isinstance(resized, str), f"resize_token_embeddings failed under transformers 4.48: {resized}"
+    assert resized["vocab_size"] == 80
+    assert resized["shapes"] == ((80, 32), (80, 32))
+    assert resized["tied"] is tied
+    with torch.no_grad():
+        before = models["tied" if tied else "untied"](ids).logits
+    torch.testing.assert_close(resized["logits"][..., :64], before, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -687,6 +770,58 @@ def test_coexists_with_another_retnet_model_type(tmp_path, mode):
         AutoConfig.for_model("retnet")
 
 
+def test_coexists_with_flash_linear_attention(tmp_path):
+    """The real flash-linear-attention where it is installed. It imports on a CPU machine once triton is installed
+    (fla 0.6.0 + triton 3.9: it warns and falls back to CPU), but its kernels need a GPU, so only construction,
+    saving and loading of its model are run; ours also runs forward. fla's registration of "retnet" is undone
+    afterwards (the stand-in test above checks that "retnet" is unknown in this process)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    registries = [CONFIG_MAPPING._extra_content, AutoModel._model_mapping._extra_content,
+                  AutoModelForCausalLM._model_mapping._extra_content]
+    saved_registries = [dict(registry) for registry in registries]
+    try:
+        import fla.models as fla_models
+    except ImportError as error:
+        pytest.skip(f"flash-linear-attention is not importable here ({error}); pip install flash-linear-attention")
+    try:
+        check_coexistence_with_fla(fla_models, tmp_path)
+    finally:  # fla's "retnet" registration must not leak into other tests (an `import fla` only registers once)
+        for registry, saved in zip(registries, saved_registries):
+            registry.clear()
+            registry.update(saved)
+
+
+def check_coexistence_with_fla(fla_models, tmp_path):
+    assert type(AutoConfig.for_model("retnet")) is fla_models.RetNetConfig
+    assert type(AutoConfig.for_model("retnet_hf")) is RetNetConfig
+
+    ours = tiny_model(share_decoder_input_output_embed=True)
+    ours.save_pretrained(tmp_path / "ours")
+    torch.manual_seed(0)
+    fla_model = fla_models.RetNetForCausalLM(
+        fla_models.RetNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2)
+    )
+    fla_model.save_pretrained(tmp_path / "fla")
+    assert json.loads((tmp_path / "fla" / "config.json").read_text())["model_type"] == "retnet"
+
+    for kwargs in ({}, {"trust_remote_code": True}):
+        assert type(AutoConfig.from_pretrained(tmp_path / "ours", **kwargs)) is RetNetConfig
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", **kwargs)
+        assert type(loaded) is RetNetForCausalLM
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert type(AutoModel.from_pretrained(tmp_path / "ours", **kwargs)) is RetNetModel
+        ids = sample_ids()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+        assert type(AutoConfig.from_pretrained(tmp_path / "fla", **kwargs)) is fla_models.RetNetConfig
+        fla_loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fla", **kwargs)
+        assert type(fla_loaded) is fla_models.RetNetForCausalLM
+        assert_same_state_dict(fla_model.state_dict(), fla_loaded.state_dict())
+        assert type(AutoModel.from_pretrained(tmp_path / "fla", **kwargs)) is fla_models.RetNetModel
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 6. FSDP: the decoder layer is the wrapping unit
 # --------------------------------------------------------------------------------------------------------------
@@ -717,6 +852,47 @@ def test_fsdp_auto_wrap_policy_wraps_each_decoder_layer():
     # every parameter outside the layers is left to the root unit: embeddings, final norm, head
     outside = {name for name, _ in model.named_parameters() if not name.startswith("model.layers.")}
     assert outside == {"model.embed_tokens.weight", "model.layer_norm.weight", "lm_head.weight"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+def test_fsdp_wraps_each_decoder_layer_and_gives_the_same_gradients(tmp_path):
+    """A real FSDP (FullyShardedDataParallel) wrap with that policy, in this process (gloo, world size 1, CPU):
+    one unit per decoder layer plus the root, and the same loss and gradients as the unwrapped model (fp64)."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.trainer_pt_utils import get_module_class_from_name
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed without a process group already running")
+    model = tiny_model(torch.float64, decoder_layers=3, share_decoder_input_output_embed=True).train()
+    reference = tiny_model(torch.float64, decoder_layers=3, share_decoder_input_output_embed=True).train()
+    layer_class = get_module_class_from_name(model, sorted(model._no_split_modules)[0])
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_class})
+    ids = sample_ids(length=13)
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
+        )
+        units = [module for module in wrapped.modules() if isinstance(module, FullyShardedDataParallel)]
+        assert units[0] is wrapped
+        assert [type(unit.module) for unit in units[1:]] == [RetNetDecoderLayer] * 3
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {name.replace("_fsdp_wrapped_module.", ""): p.grad for name, p in wrapped.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    expected_loss = reference(input_ids=ids, labels=ids).loss
+    expected_loss.backward()
+    torch.testing.assert_close(loss.detach(), expected_loss.detach(), atol=1e-12, rtol=0)
+    expected = dict(reference.named_parameters())
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, expected[name].grad, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from transformers import (
 
 from .configuration_retnet import RetNetConfig
 from .modeling_retnet import (
+    LORA_TARGET_MODULES,
     RetNetCache,
     RetNetForCausalLM,
     RetNetForSequenceClassification,
@@ -34,6 +35,7 @@ for auto_class, model_class in (
     model_class.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "RetNetCache",
     "RetNetConfig",
     "RetNetForCausalLM",

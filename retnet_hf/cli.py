@@ -57,6 +57,12 @@ class _RateStreamer:
         self.inner.end()
 
 
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def cmd_train(args) -> None:
     from .pretraining import pretrain
 
@@ -78,7 +84,10 @@ def cmd_train(args) -> None:
         seed=args.seed,
         resume=not args.no_resume,
         text_column=args.text_column,
+        fsdp=args.fsdp,
     )
+    if not _is_main_process():
+        return  # under torchrun / accelerate launch the main process reports
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s: eval loss {result.eval_loss:.3f}, "
         f"perplexity {result.eval_perplexity:.1f}; model saved to {result.output_dir} (loss curve: loss.png)"
@@ -150,6 +159,74 @@ def cmd_demo(args) -> None:
              max_steps=args.max_steps)
 
 
+def cmd_convert(args) -> None:
+    """Convert a torchscale/fairseq, syncdoth-format or fla RetNet checkpoint into a retnet-hf folder."""
+    from .conversion import ConversionError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(args.source_format, args.src, args.out, config_json=args.config,
+                                 max_shard_size=args.max_shard_size)
+    except ConversionError as error:
+        raise UsageError(str(error)) from error
+    print(f"converted {args.source_format} checkpoint {args.src} -> {out} "
+          "(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+
+
+def cmd_sft(args) -> None:
+    from .finetuning import sft
+
+    method = "qlora" if args.qlora else "full" if args.full else "lora"
+    if args.merge and method == "full":
+        raise UsageError("--merge applies to --lora and --qlora (a --full run already saves a whole model)")
+    result = sft(
+        args.model,
+        args.output,
+        data=args.data,
+        method=method,
+        rank=args.rank,
+        alpha=args.alpha,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        packing=args.packing,
+        epochs=args.epochs if args.epochs is not None else 1.0,
+        max_steps=args.max_steps if args.max_steps is not None else -1,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        completion_only=args.completion_only,
+        gradient_checkpointing=args.gradient_checkpointing,
+        merge=args.merge,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        text_column=args.text_column,
+        limit=args.limit,
+        seed=args.seed,
+        resume=not args.no_resume,
+    )
+    what = "merged model" if result.merged else "LoRA adapter"
+    loss = f"{result.train_loss:.3f}" if result.train_loss is not None else "n/a"
+    print(f"fine-tuned ({method}) {result.steps} steps in {result.seconds:.0f} s, last training loss {loss}; "
+          f"{what} saved to {result.output_dir} (loss curve: loss.png)")
+
+
+def cmd_push(args) -> None:
+    """Check a model folder, then upload it to a Hub model repo (or, with --dry-run, list what would go)."""
+    from .hub import plan_upload, push_folder
+
+    if args.dry_run:
+        operations = plan_upload(args.folder)
+        for operation in operations:
+            print(f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
+                  f"{operation.path_in_repo}")
+        total = sum(operation.upload_info.size for operation in operations)
+        print(f"{args.folder} is complete: {len(operations)} files, {total:,} bytes would go to {args.repo_id} "
+              "(dry run: nothing was uploaded)")
+        return
+    info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                       commit_message=args.commit_message, token=args.token, create_pr=args.create_pr)
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retnet-hf",
@@ -182,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-steps", type=_positive_int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    train.add_argument("--fsdp", action="store_true",
+                       help="shard weights, gradients and optimizer state across the processes of `torchrun` / "
+                            "`accelerate launch` (FSDP, a decoder layer per unit); without it they train data-parallel")
     train.set_defaults(func=cmd_train)
 
     for name, help_text in (("generate", "continue a prompt, streaming tokens"),
@@ -197,6 +277,61 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--top-k", type=int, default=50)
         sub.add_argument("--seed", type=int, default=None)
         sub.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    sft = commands.add_parser("sft", help="fine-tune a model folder on guanaco-style chat data (LoRA, QLoRA, full)")
+    sft.add_argument("model", help="a model folder (with its tokenizer)")
+    sft.add_argument("--output", required=True, help="folder for checkpoints and the adapter or merged model")
+    sft.add_argument("--data", default="timdettmers/openassistant-guanaco",
+                     help="a Hub data set id or a local .jsonl/.json/.parquet/.csv with '### Human: ... ### "
+                          "Assistant: ...' or '<s>[INST] ... [/INST] ... </s>' rows (default "
+                          "timdettmers/openassistant-guanaco)")
+    sft.add_argument("--text-column", default="text", help="the data's text column (default text)")
+    kind = sft.add_mutually_exclusive_group()
+    kind.add_argument("--lora", action="store_true", help="LoRA on a float base model (the default)")
+    kind.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit (nf4) base model")
+    kind.add_argument("--full", action="store_true", help="train every weight")
+    sft.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    sft.add_argument("--alpha", type=_positive_int, help="LoRA alpha (default 2 x rank)")
+    sft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, cosine schedule (default 2e-4)")
+    sft.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    sft.add_argument("--packing", action="store_true",
+                     help="pack documents into padding-free rows (the state resets at each document)")
+    sft.add_argument("--completion-only", action="store_true", help="loss on the last answer of each row only")
+    sft.add_argument("--gradient-checkpointing", action="store_true")
+    steps = sft.add_mutually_exclusive_group()
+    steps.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    steps.add_argument("--max-steps", type=_positive_int, help="optimiser steps (overrides epochs)")
+    sft.add_argument("--batch-size", type=_positive_int, default=4)
+    sft.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    sft.add_argument("--save-steps", type=_positive_int, default=200)
+    sft.add_argument("--logging-steps", type=_positive_int, default=10)
+    sft.add_argument("--limit", type=_positive_int, help="use only the first N rows")
+    sft.add_argument("--merge", action="store_true", help="save the model with the adapter merged in")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    sft.set_defaults(func=cmd_sft)
+
+    convert = commands.add_parser("convert", help="convert a torchscale, syncdoth or fla RetNet checkpoint")
+    convert.add_argument("--from", dest="source_format", required=True, choices=["torchscale", "syncdoth", "fla"],
+                         help="the source's format")
+    convert.add_argument("src", help="a checkpoint file or folder, or a Hub id")
+    convert.add_argument("out", help="the folder to write (must not exist)")
+    convert.add_argument("--config", help="a JSON file of source config fields (needed for a bare torchscale "
+                                          "state dict; overrides what the source holds)")
+    convert.add_argument("--max-shard-size", default="2GB", help="largest output weight file (default 2GB)")
+    convert.set_defaults(func=cmd_convert)
+
+    push = commands.add_parser("push", help="check a model folder and upload it to the Hugging Face Hub")
+    push.add_argument("folder", help="a model folder (weights, config, code, tokenizer, generation config, card)")
+    push.add_argument("repo_id", help="the Hub model repo, e.g. your-name/retnet-tiny (created if it does not exist)")
+    push.add_argument("--private", action="store_true", help="create the repo private (no effect if it exists)")
+    push.add_argument("--revision", help="the branch to commit to (created from main if needed; default main)")
+    push.add_argument("--commit-message", help="the commit's title")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or the saved login)")
+    push.add_argument("--dry-run", action="store_true",
+                      help="check the folder and list the files, sizes and sha256 that would be uploaded")
+    push.set_defaults(func=cmd_push)
     return parser
 
 

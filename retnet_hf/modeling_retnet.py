@@ -31,6 +31,9 @@ except ImportError:  # transformers 4.x
 
 ACTIVATION_FUNCTIONS = {"swish": F.silu, "gelu": F.gelu}
 
+# The eight projections of every layer, the default LoRA targets (PEFT has no entry for this model type).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "g_proj", "out_proj", "fc1", "gate", "fc2"]
+
 
 def deepnorm_init_gain(config: RetNetConfig) -> float:
     """DeepNet's down-scaling (8N)^(-1/4) of v_proj, out_proj, fc1 and fc2 at initialisation; 1 without deepnorm."""
@@ -690,6 +693,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
 
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "RetNetCache",
     "RetNetForCausalLM",
     "RetNetForSequenceClassification",

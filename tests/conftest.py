@@ -39,43 +39,14 @@ def model64():
     return tiny_model(torch.float64)
 
 
-def _timm_drop_path(x, drop_prob=0.0, training=False):
-    """timm's stochastic depth: zero whole samples with probability drop_prob, rescale the rest."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
 def import_torchscale():
-    """torchscale 0.3.0's `(RetNetConfig, RetNetDecoder)`, imported with a stand-in for timm's `drop_path`.
-
-    torchscale imports `timm.models.layers.drop_path` (stochastic depth only); timm does not import next to the
-    CPU torch wheel, so a stand-in is put into `sys.modules` during the import and taken out again afterwards
-    (as test_torchscale.py does). Skips the calling test module when torchscale is not installed.
-    """
+    """torchscale 0.3.0's `(RetNetConfig, RetNetDecoder)` through `retnet_hf.benchmarking.import_torchscale` (a
+    stand-in for timm's `drop_path` during the import); skips the calling test module when it is not installed."""
     import importlib.util
-    import sys
-    import types
 
     if importlib.util.find_spec("torchscale") is None or importlib.util.find_spec("fairscale") is None:
         pytest.skip("torchscale is not installed (pip install --no-deps torchscale==0.3.0 fairscale==0.4.0)",
                     allow_module_level=True)
-    names = ("timm", "timm.models", "timm.models.layers")
-    saved = {name: sys.modules[name] for name in names if name in sys.modules}
-    stubbed = "timm.models.layers" not in sys.modules
-    if stubbed:
-        timm, models, layers = (types.ModuleType(name) for name in names)
-        layers.drop_path = _timm_drop_path
-        timm.models, models.layers = models, layers
-        sys.modules.update(dict(zip(names, (timm, models, layers))))
-    try:
-        from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
-        from torchscale.architecture.retnet import RetNetDecoder
-    finally:
-        if stubbed:
-            for name in names:
-                sys.modules.pop(name, None)
-            sys.modules.update(saved)
-    return TorchscaleConfig, RetNetDecoder
+    from retnet_hf.benchmarking import import_torchscale as package_import
+
+    return package_import()

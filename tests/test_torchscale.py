@@ -10,10 +10,7 @@ only for stochastic depth; timm does not import next to the CPU torch wheel, so 
 `sys.modules` while torchscale is imported and taken out again afterwards.
 """
 
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -21,45 +18,12 @@ from torch import nn
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 
-
-if importlib.util.find_spec("torchscale") is None or importlib.util.find_spec("fairscale") is None:
-    pytest.skip(
-        "torchscale is not installed (pip install --no-deps torchscale==0.3.0 fairscale==0.4.0)",
-        allow_module_level=True,
-    )
+from conftest import import_torchscale
 
 
-def _drop_path(x, drop_prob=0.0, training=False):
-    """timm's stochastic depth: zero whole samples with probability drop_prob, rescale the rest."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+TorchscaleConfig, RetNetDecoder = import_torchscale()
+from torchscale.component.rms_norm import RMSNorm as TorchscaleRMSNorm  # noqa: E402
 
-
-def _import_torchscale():
-    names = ("timm", "timm.models", "timm.models.layers")
-    saved = {name: sys.modules[name] for name in names if name in sys.modules}
-    stubbed = "timm.models.layers" not in sys.modules
-    if stubbed:
-        timm, models, layers = (types.ModuleType(name) for name in names)
-        layers.drop_path = _drop_path
-        timm.models, models.layers = models, layers
-        sys.modules.update(dict(zip(names, (timm, models, layers))))
-    try:
-        from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
-        from torchscale.architecture.retnet import RetNetDecoder
-        from torchscale.component.rms_norm import RMSNorm
-    finally:
-        if stubbed:  # torchscale keeps its reference; nothing else should see the stand-in
-            for name in names:
-                sys.modules.pop(name, None)
-            sys.modules.update(saved)
-    return TorchscaleConfig, RetNetDecoder, RMSNorm
-
-
-TorchscaleConfig, RetNetDecoder, TorchscaleRMSNorm = _import_torchscale()
 
 VOCAB, DIM, VALUE_DIM, FFN_DIM, LAYERS, HEADS = 64, 32, 48, 64, 2, 2
 LENGTH = 19

@@ -29,6 +29,17 @@ def tiny_model(dtype=torch.float32, seed=0, **overrides) -> RetNetForCausalLM:
     return RetNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
 
 
+@torch.no_grad()
+def logits_token_by_token(model, ids, cache=None):
+    """Feed `ids` [B, T] one token per call through the recurrent cache; the logits of every step, [B, T, V]."""
+    steps = []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, dim=1)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -27,7 +27,7 @@ import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
 from retnet_hf.conversion import ConversionError, convert_checkpoint
 
-from conftest import import_torchscale
+from conftest import import_torchscale, logits_token_by_token
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
@@ -51,34 +51,15 @@ def load(folder, **kwargs):
 
 
 @torch.no_grad()
-def token_by_token(model, ids):
-    cache, steps = None, []
-    for t in range(ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits[:, -1])
-    return torch.stack(steps, dim=1)
-
-
-@torch.no_grad()
 def all_forms(model, ids):
     """Logits of every retention form, token by token with the cache, and a prefill in pieces continued by it."""
     result = {form: model(ids, retention_form=form).logits for form in FORMS}
-    result["cache, token by token"] = token_by_token(model, ids)
+    result["cache, token by token"] = logits_token_by_token(model, ids)
     first = model(ids[:, :7], use_cache=True)
     second = model(ids[:, 7:12], past_key_values=first.past_key_values, use_cache=True)
-    rest = token_by_token_from(model, ids[:, 12:], second.past_key_values)
+    rest = logits_token_by_token(model, ids[:, 12:], second.past_key_values)
     result["cache, prefill 7 + 5 then tokens"] = torch.cat([first.logits, second.logits, rest], dim=1)
     return result
-
-
-def token_by_token_from(model, ids, cache):
-    steps = []
-    for t in range(ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits[:, -1])
-    return torch.stack(steps, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import nn
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 
-from conftest import import_torchscale
+from conftest import import_torchscale, logits_token_by_token
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
@@ -105,16 +105,6 @@ def torchscale_recurrent(decoder, tokens):
     return torch.stack(steps, dim=1)
 
 
-@torch.no_grad()
-def ours_token_by_token(model, tokens):
-    cache, steps = None, []
-    for t in range(tokens.shape[1]):
-        out = model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits[:, -1])
-    return torch.stack(steps, dim=1)
-
-
 def check_parity(fields):
     decoder = build_torchscale(**fields)
     model = build_ours(decoder, **fields)
@@ -134,7 +124,7 @@ def check_parity(fields):
             diffs[form] = relative_difference(logits, reference)
             diffs[f"{form} vs torchscale recurrent"] = relative_difference(logits, reference_recurrent)
     diffs["token by token vs torchscale recurrent"] = relative_difference(
-        ours_token_by_token(model, tokens), reference_recurrent
+        logits_token_by_token(model, tokens), reference_recurrent
     )
     assert max(diffs.values()) < TOLERANCE, diffs
 

@@ -915,12 +915,7 @@ def plot_decode(rows: List[dict], path: str, title: str = "") -> str:
                 x, y = zip(*ideal)
                 speed.plot(x, y, ":", color=colour, alpha=0.5, label=f"{model} b{batch} ceiling")
     for axis, label in ((speed, "tokens/s"), (memory, "decode memory (MB)")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("context (tokens)")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        _log_axes(axis, "context (tokens)", label)
     figure.suptitle(title or "Decode: RetNet vs Llama (KV cache)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -943,14 +938,8 @@ def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
                 axes[0][column].plot(x, t, "-o", color=colours[variant], label=variant)
                 axes[1][column].plot(x, m, "-o", color=colours[variant], label=variant)
         for row, label in ((0, "seconds"), (1, "peak memory (MB, sampled RSS on CPU)")):
-            axis = axes[row][column]
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
-            axis.set_xlabel("sequence length (tokens)")
-            axis.set_ylabel(label)
-            axis.set_title(mode)
-            axis.grid(True, which="both", alpha=0.3)
-            axis.legend(fontsize=8)
+            axes[row][column].set_title(mode)
+            _log_axes(axes[row][column], "sequence length (tokens)", label, fontsize=8)
     figure.suptitle(title or "Prefill and training step")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -968,12 +957,7 @@ def plot_torchscale(rows: List[dict], path: str, title: str = "") -> str:
     step.plot(x, [row["ours ms/step"] for row in rows], "-o", label="retnet_hf")
     step.plot(x, [row["torchscale ms/step"] for row in rows], "-o", label="torchscale 0.3.0")
     for axis, label in ((prompt, "prompt time (s)"), (step, "decode step after the prompt (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("prompt length (tokens)")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        _log_axes(axis, "prompt length (tokens)", label, fontsize=8)
     figure.suptitle(title or "retnet_hf vs torchscale 0.3.0, same weights")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1022,16 +1006,28 @@ def prepare_run(args) -> dict:
     }
 
 
-def write_report(out: str, stem: str, text: str, rows: List[dict]) -> List[str]:
-    """Write `text` to `out/stem.md` and the rows to `out/stem.json`; returns the paths."""
+def publish(out: str, stem: str, preamble: List[str], body: List[str], rows: List[dict], png: str) -> List[str]:
+    """Print `body` (table, notes), write `preamble` + `body` to `out/stem.md` and the rows to `out/stem.json`,
+    and say where they and the plot `png` went; returns the two paths."""
     import json
 
+    print("\n" + "\n\n".join(body))
     paths = [os.path.join(out, f"{stem}.md"), os.path.join(out, f"{stem}.json")]
     with open(paths[0], "w") as handle:
-        handle.write(text + "\n")
+        handle.write("\n".join(preamble) + "\n\n" + "\n\n".join(body) + "\n")
     with open(paths[1], "w") as handle:
         json.dump(rows, handle, indent=1, default=str)
+    print(f"\nsaved {png}, {', '.join(paths)}")
     return paths
+
+
+def _log_axes(axis, xlabel: str, ylabel: str, fontsize: int = 7) -> None:
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=fontsize)
 
 
 def describe_models(retnet: nn.Module, llama: Optional[nn.Module] = None) -> str:
@@ -1056,7 +1052,7 @@ __all__ = [
     "add_common_arguments",
     "parse_ints",
     "prepare_run",
-    "write_report",
+    "publish",
     "available_memory_bytes",
     "build_models",
     "cache_bytes",

@@ -63,11 +63,9 @@ def main(argv=None) -> int:
             "sees them); tokens/s = batch / step time; ideal: batch * bandwidth / (non-embedding weight bytes + "
             "batch * state or KV bytes); decode MB: cache + peak increase during an untimed step loop "
             f"({bench.PeakMemory(args.device).method}).")
-    text = "\n".join([run["header"], bench.describe_models(retnet, llama), settings, "", table, "", note, "", summary])
-    print("", table, "", note, "", summary, sep="\n")
+    preamble = [run["header"], bench.describe_models(retnet, llama), settings]
     png = bench.plot_decode(rows, f"{args.out}/decode.png", f"Decode, RetNet vs Llama ({args.size}, {args.dtype})")
-    paths = bench.write_report(args.out, "decode", text, rows)
-    print(f"\nsaved {png}, {', '.join(paths)}")
+    bench.publish(args.out, "decode", preamble, [table, note, summary], rows, png)
     return 0
 
 

@@ -66,11 +66,9 @@ def main(argv=None) -> int:
     summary = "\n".join(f"- {line}" for line in bench.prefill_summary(rows, chunk))
     note = ("forward: no_grad, use_cache=True, last-token logits (a prefill); forward+backward: labels = inputs, "
             f"full logits, loss.backward(). peak MB: {bench.PeakMemory(args.device).method} increase.")
-    text = "\n".join([run["header"], bench.describe_models(retnet, llama), settings, "", table, "", note, "", summary])
-    print("", table, "", note, "", summary, sep="\n")
+    preamble = [run["header"], bench.describe_models(retnet, llama), settings]
     png = bench.plot_prefill(rows, f"{args.out}/prefill.png", f"Prefill and training ({args.size}, {args.dtype})")
-    paths = bench.write_report(args.out, "prefill", text, rows)
-    print(f"\nsaved {png}, {', '.join(paths)}")
+    bench.publish(args.out, "prefill", preamble, [table, note, summary], rows, png)
     return 0
 
 

@@ -58,12 +58,10 @@ def main(argv=None) -> int:
     note = ("ours prefill: one forward pass (chunkwise) returning the state; torchscale prompt: its incremental "
             "decoding, one call per token; ms/step: median decode step after the prompt; max rel diff: logits of "
             "both, relative to their largest magnitude.")
-    text = "\n".join([run["header"], bench.describe_models(retnet), settings, "", table, "", note])
-    print("", table, "", note, sep="\n")
+    preamble = [run["header"], bench.describe_models(retnet), settings]
     png = bench.plot_torchscale(rows, f"{args.out}/torchscale.png",
                                 f"retnet_hf vs torchscale 0.3.0, same weights ({args.size}, {args.dtype})")
-    paths = bench.write_report(args.out, "torchscale", text, rows)
-    print(f"\nsaved {png}, {', '.join(paths)}")
+    bench.publish(args.out, "torchscale", preamble, [table, note], rows, png)
     return 0
 
 

@@ -10,7 +10,8 @@ the scripts only parse arguments, print and plot. Nothing here asserts a timing:
   124,373,760 parameters; its `same_size_llama` (12 heads of 64, intermediate size 1696) has exactly as many,
   since 4 d^2 + 3 d 1696 = 2 d^2 + 6 d 1104.
 - `measure_bandwidth()`: GB/s of a large tensor read (`x.sum()`), the ceiling of memory-bound decoding.
-- `PeakMemory`: peak memory increase inside a `with` block (CUDA: allocator peak; CPU: sampled RSS).
+- `PeakMemory`: peak memory increase inside a `with` block: bytes of live tensors (CUDA: the allocator's peak;
+  CPU: torch.profiler's allocation events), and on the CPU also the sampled RSS.
 - `decode_benchmark`, `prefill_benchmark`, `torchscale_benchmark`: the three measurements.
 """
 
@@ -243,29 +244,38 @@ def _release_freed_memory(collect: bool = True) -> None:
 
 
 class PeakMemory:
-    """Peak memory increase inside a `with` block, in bytes (`.peak_bytes`, `.peak_mb`).
+    """Peak memory increase inside a `with` block, in bytes (`.peak_bytes`, `.peak_mb`): the most bytes of
+    tensors alive at once beyond those alive at the start.
 
-    On CUDA: `torch.cuda.max_memory_allocated` after a reset, minus what was allocated at the start (exact, for
-    tensors only). On the CPU: a background thread samples the process's resident set size
-    (`psutil.Process().memory_info().rss`) every `interval` seconds and reports the peak over the level at the
-    start: sampled RSS, so a peak shorter than the interval can be missed, and memory that the allocator keeps
-    after a free is not seen as freed (freed memory is trimmed before the start to lower that error).
-    `.method` says which of the two was used.
+    On CUDA: `torch.cuda.max_memory_allocated` after a reset, minus what was allocated at the start. On the CPU:
+    the allocation and free events that `torch.profiler` records (`profile_memory=True`), summed in time order:
+    exact, like the CUDA figure, and independent of how much freed memory glibc keeps mapped. The CPU also reports
+    `.rss_peak_bytes` (`.rss_peak_mb`): a background thread samples the process's resident set size every
+    `interval` seconds, over its level at the start; what the machine sees, but a peak shorter than the interval
+    can be missed and memory that malloc keeps after a free counts as used. `.method` says how `peak_bytes` was
+    taken.
     """
 
     def __init__(self, device="cpu", interval: float = 0.005):
         self.device = torch.device(device)
         self.interval = interval
         self.peak_bytes = 0
-        self.method = "CUDA max_memory_allocated" if self.device.type == "cuda" else "sampled RSS"
+        self.rss_peak_bytes = None
+        self.method = (
+            "CUDA max_memory_allocated" if self.device.type == "cuda" else "tensor bytes from torch.profiler"
+        )
 
     @property
     def peak_mb(self) -> float:
         return self.peak_bytes / MB
 
+    @property
+    def rss_peak_mb(self) -> Optional[float]:
+        return None if self.rss_peak_bytes is None else self.rss_peak_bytes / MB
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._process.memory_info().rss)
+            self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -278,10 +288,12 @@ class PeakMemory:
 
         _release_freed_memory(collect=False)
         self._process = psutil.Process()
-        self._start = self._peak = self._process.memory_info().rss
+        self._rss_start = self._rss_peak = self._process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -289,10 +301,19 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
             return
+        self._profiler.__exit__(*exc)
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self._process.memory_info().rss)
-        self.peak_bytes = max(0, self._peak - self._start)
+        self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
+        self.rss_peak_bytes = max(0, self._rss_peak - self._rss_start)
+        if exc[0] is None:
+            events = [event for event in self._profiler.profiler.kineto_results.events()
+                      if event.name() == "[memory]" and event.device_type() == torch._C._autograd.DeviceType.CPU]
+            live = peak = 0
+            for event in sorted(events, key=lambda event: event.start_ns()):
+                live += event.nbytes()
+                peak = max(peak, live)
+            self.peak_bytes = peak
 
 
 def available_memory_bytes(device="cpu") -> int:
@@ -668,15 +689,17 @@ def prefill_benchmark(
                     rows.append({**row, "skipped": f"needs ~{needed / GB:.1f} GiB"})
                     continue
                 log(f"prefill: {variant} {mode} {length} tokens")
-                times, peaks = [], []
+                times, peaks, rss_peaks = [], [], []
                 for _ in range(repeats):
                     with PeakMemory(device) as peak:
                         times.append(timed(lambda: run(model, form, ids, mode), device))
                     peaks.append(peak.peak_bytes)
+                    rss_peaks.append(peak.rss_peak_bytes or 0)
                 seconds = statistics.median(times)
-                measured_peaks[(variant, mode)] = (length, max(peaks))
+                measured_peaks[(variant, mode)] = (length, max(peaks + rss_peaks))
                 rows.append({**row, "seconds": seconds, "tokens/s": batch_size * length / seconds,
-                             "peak MB": max(peaks) / MB, "skipped": None})
+                             "peak MB": max(peaks) / MB, "skipped": None,
+                             "RSS MB": max(rss_peaks) / MB if device.type == "cpu" else None})
         _release_freed_memory()
     return rows
 
@@ -717,13 +740,14 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
                          f"both ran ({longer[-1]})")
         else:
             lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
-        if len(measured) < len(lengths):
+        if any(row["variant"] == "RetNet parallel" for row in rows) and len(measured) < len(lengths):
             lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
         peak = {row["variant"]: row["peak MB"] for row in rows
                 if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")}
         if "RetNet chunkwise" in peak and "Llama SDPA" in peak:
-            lines.append(f"{mode} at {lengths[-1]} tokens: peak memory RetNet chunkwise {peak['RetNet chunkwise']:.0f}"
-                         f" MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB")
+            ratio = peak["RetNet chunkwise"] / peak["Llama SDPA"]
+            lines.append(f"{mode} at {lengths[-1]} tokens: peak tensor memory RetNet chunkwise "
+                         f"{peak['RetNet chunkwise']:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)")
     return lines
 
 
@@ -937,7 +961,7 @@ def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
                 x, t, m = zip(*points)
                 axes[0][column].plot(x, t, "-o", color=colours[variant], label=variant)
                 axes[1][column].plot(x, m, "-o", color=colours[variant], label=variant)
-        for row, label in ((0, "seconds"), (1, "peak memory (MB, sampled RSS on CPU)")):
+        for row, label in ((0, "seconds"), (1, "peak tensor memory (MB)")):
             axes[row][column].set_title(mode)
             _log_axes(axes[row][column], "sequence length (tokens)", label, fontsize=8)
     figure.suptitle(title or "Prefill and training step")

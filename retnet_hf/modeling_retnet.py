@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -107,6 +108,15 @@ class RetNetCache(Cache):
             "A RetNet state cannot be rolled back to an earlier token (so assisted decoding and cache cropping are "
             "not available); keep a copy of the cache (copy.deepcopy) from the point you want to return to."
         )
+
+
+def recompute_in_backward(function, *args):
+    """`function(*args)`; with autograd on, only `args` are kept for the backward pass, which runs `function`
+    again. Used for the cheap element-wise parts of a layer (norms, rotation, retention, gates), so that a layer
+    keeps little more than its matrix-multiply inputs: training needs less memory than a Transformer's."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
 
 
 class RetNetRMSNorm(nn.Module):
@@ -231,14 +241,33 @@ class MultiScaleRetention(nn.Module):
         resets: Optional[torch.Tensor] = None,
         with_state: bool = True,
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-        batch, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states)
-        k = self.k_proj(hidden_states) * self.scaling
-        v = self.v_proj(hidden_states)
-        g = self.g_proj(hidden_states)
+        projections = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
+                       self.g_proj(hidden_states))
+        # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates
+        out, state = recompute_in_backward(
+            self.retain, *projections, rotation, log_decay, form, state, valid, resets, with_state
+        )
+        return self.out_proj(out), state
 
+    def retain(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState],
+        valid: Optional[torch.Tensor],
+        resets: Optional[torch.Tensor],
+        with_state: bool,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
+        """From the projections `q`, `k` `[B, T, d]`, `v`, `g` `[B, T, dv]` to the gated, normalised retention
+        output `[B, T, dv]` (the input of `out_proj`), and the new state."""
+        batch, length, _ = q.shape
         q = q.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
+        k = (k * self.scaling).view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
         cos, sin = rotation
         q = rotate(q.to(cos.dtype), cos, sin, self.rotary_style)
@@ -254,13 +283,16 @@ class MultiScaleRetention(nn.Module):
         else:
             out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets, normalize)
 
-        out = self.group_norm(out).to(hidden_states.dtype)  # [B, H, T, Dv]
+        out = self.group_norm(out).to(g.dtype)  # [B, H, T, Dv]
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
-        return self.out_proj(F.silu(g) * out), state
+        return F.silu(g) * out, state
 
 
 class RetNetGLU(nn.Module):
-    """Gated feed-forward block `fc2(act(fc1(x)) * gate(x))`, the activation in float32. `[B, T, d]` -> `[B, T, d]`."""
+    """Gated feed-forward block `fc2(act(fc1(x)) * gate(x))`, the activation in float32 at least.
+
+    `[B, T, d]` -> `[B, T, d]`.
+    """
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
@@ -275,9 +307,12 @@ class RetNetGLU(nn.Module):
         self.gate.uniform_gain = 1.0
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(hidden_states)
-        x = self.activation_fn(x.float()).to(x.dtype) * self.gate(hidden_states)
+        x = recompute_in_backward(self.gated, self.fc1(hidden_states), self.gate(hidden_states))
         return self.fc2(self.activation_dropout(x))
+
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`act(x) * gate`, the activation in float32 at least; `[B, T, f]` twice -> `[B, T, f]`."""
+        return self.activation_fn(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype) * gate
 
 
 class RetNetDecoderLayer(nn.Module):
@@ -312,14 +347,16 @@ class RetNetDecoderLayer(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
         """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
         if self.normalize_before:
-            mixed, state = self.retention(
-                self.retention_layer_norm(hidden_states), rotation, log_decay, form, state, valid, resets, with_state
-            )
+            normed = recompute_in_backward(self.retention_layer_norm, hidden_states)
+            mixed, state = self.retention(normed, rotation, log_decay, form, state, valid, resets, with_state)
             hidden_states = hidden_states * self.alpha + self.dropout(mixed)
-            return hidden_states * self.alpha + self.dropout(self.ffn(self.final_layer_norm(hidden_states))), state
+            normed = recompute_in_backward(self.final_layer_norm, hidden_states)
+            return hidden_states * self.alpha + self.dropout(self.ffn(normed)), state
         mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets, with_state)
-        hidden_states = self.retention_layer_norm(hidden_states * self.alpha + self.dropout(mixed))
-        return self.final_layer_norm(hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))), state
+        hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+        hidden_states = recompute_in_backward(self.retention_layer_norm, hidden_states)
+        hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))
+        return recompute_in_backward(self.final_layer_norm, hidden_states), state
 
 
 class RetNetPreTrainedModel(PreTrainedModel):

@@ -138,20 +138,14 @@ def chunkwise_retention(
     """
     length = q.shape[2]
     decay = decay_matrix(log_decay.to(_compute_dtype(q.dtype)), min(chunk_size, length))
+    # split, not slicing: the backward of a slice writes into a zero tensor of the full length, once per chunk
+    q, k, v = (x.split(chunk_size, dim=2) for x in (q, k, v))
+    valid, resets = ([None] * len(q) if x is None else x.split(chunk_size, dim=1) for x in (valid, resets))
     outputs = []
-    for start in range(0, length, chunk_size):
-        piece = slice(start, start + chunk_size)
+    for index in range(len(q)):
         out, state = parallel_retention(
-            q[:, :, piece],
-            k[:, :, piece],
-            v[:, :, piece],
-            log_decay,
-            state,
-            None if valid is None else valid[:, piece],
-            None if resets is None else resets[:, piece],
-            normalize,
-            with_state or start + chunk_size < length,
-            decay,
+            q[index], k[index], v[index], log_decay, state, valid[index], resets[index], normalize,
+            with_state or index < len(q) - 1, decay,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state

@@ -20,7 +20,7 @@ import sys
 from retnet_hf import benchmarking as bench
 
 
-COLUMNS = ["variant", "length", "batch", "mode", "seconds", "tokens/s", "peak MB"]
+COLUMNS = ["variant", "length", "batch", "mode", "seconds", "tokens/s", "peak MB", "RSS MB"]
 
 
 def parse_args(argv=None):
@@ -44,6 +44,9 @@ def parse_args(argv=None):
     args.lengths = args.lengths or ([32, 128] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
     args.modes = args.modes.replace(" ", "").split(",")
     args.variants = [variant.strip() for variant in args.variants.split(",")]
+    unknown = [variant for variant in args.variants if variant not in bench.PREFILL_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(bench.PREFILL_VARIANTS)}")
     return args
 
 
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     chunk = retnet_config.recurrent_chunk_size
     summary = "\n".join(f"- {line}" for line in bench.prefill_summary(rows, chunk))
     note = ("forward: no_grad, use_cache=True, last-token logits (a prefill); forward+backward: labels = inputs, "
-            f"full logits, loss.backward(). peak MB: {bench.PeakMemory(args.device).method} increase.")
+            f"full logits, loss.backward(). peak MB: {bench.PeakMemory(args.device).method} (increase over the start); "
+            "RSS MB (CPU): sampled resident-set increase, which also counts memory malloc keeps after a free.")
     preamble = [run["header"], bench.describe_models(retnet, llama), settings]
     png = bench.plot_prefill(rows, f"{args.out}/prefill.png", f"Prefill and training ({args.size}, {args.dtype})")
     bench.publish(args.out, "prefill", preamble, [table, note, summary], rows, png)

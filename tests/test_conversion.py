@@ -411,7 +411,8 @@ def fla_reference_logits(w, config, ids):
     - retention without any normalisation: o_n = sum_{m<=n} gamma_h^(n-m) (D^-0.5 q_n . k_m) v_m,
       gamma_h = 1 - 2^(-5-h);
     - gated output norm per head: RMSNorm(o_h) * weight * swish(g_h), then o_proj;
-    - GLU: down_proj(swish(gate_proj(x)) * up_proj(x)), swish in float32; final norm; lm_head (the embedding when tied).
+    - GLU: down_proj(swish(gate_proj(x)) * up_proj(x)), swish in float32 at least; final norm; lm_head (the
+      embedding when tied).
     """
     eps, heads = config["norm_eps"], config["num_heads"]
     d = config["hidden_size"]
@@ -450,8 +451,8 @@ def fla_reference_logits(w, config, ids):
         o = rms(o, w[p + f"attn.{gate_norm}.weight"]) * F.silu(g)
         x = x + o.reshape(batch, length, -1) @ w[p + "attn.o_proj.weight"].T
         h = rms(x, w[p + "mlp_norm.weight"])
-        # fla's swiglu kernel computes the activation in float32 (as retnet-hf and torchscale do)
-        mlp = F.silu((h @ w[p + "mlp.gate_proj.weight"].T).float()).double() * (h @ w[p + "mlp.up_proj.weight"].T)
+        # fla's swiglu kernel computes the activation in float32 at least, as retnet-hf does (float64 here)
+        mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
         x = x + mlp @ w[p + "mlp.down_proj.weight"].T
     x = rms(x, w["model.norm.weight"])
     head = w["model.embeddings.weight"] if config["tie_word_embeddings"] else w["lm_head.weight"]

@@ -244,3 +244,57 @@ def test_rotary_styles_differ():
     a = tiny_model(torch.float64)(x).logits
     b = tiny_model(torch.float64, rotary_style="neox")(x).logits
     assert not torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_gradients_agree_across_forms_float64(padded):
+    ids = tokens(length=21)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :4] = 0  # left padding
+    grads = {}
+    for form in FORMS:
+        model = tiny_model(torch.float64).train()
+        model(ids, attention_mask=mask, labels=ids, retention_form=form, use_cache=False).loss.backward()
+        grads[form] = {name: p.grad for name, p in model.named_parameters()}
+    for form in ("chunkwise", "recurrent"):
+        assert grads[form].keys() == grads["parallel"].keys()
+        for name, grad in grads[form].items():
+            torch.testing.assert_close(grad, grads["parallel"][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_training_gradient_matches_finite_differences():
+    model = tiny_model(torch.float64, decoder_embed_dim=8, decoder_value_embed_dim=8, decoder_ffn_embed_dim=8,
+                       recurrent_chunk_size=2).train()
+    embeds = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: model(inputs_embeds=x, retention_form="chunkwise", use_cache=False).logits, (embeds,)
+    )
+
+
+def test_training_keeps_only_matmul_inputs_for_the_backward_pass():
+    # Activation memory: the backward pass keeps each layer's matrix-multiply inputs and recomputes the rest, so
+    # no [C, C] retention scores and no element-wise intermediates are held: per token and layer, the inputs of
+    # both norms and their outputs (4 d), q, k (2 d), v, g and the gated output (3 dv), fc1, gate and their
+    # product (3 f); then the final norm (its input, output and [B, T, 1] factor).
+    config = tiny_config(recurrent_chunk_size=8)
+    model = RetNetModel(config).train()
+    batch, length = 2, 32
+    saved = {}
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = model(tokens(batch, length), use_cache=False).last_hidden_state
+    chunk = config.recurrent_chunk_size
+    assert not [t.shape for t in saved.values() if t.dim() >= 2 and t.shape[-2:] == (chunk, chunk)]
+    d, dv, f = config.decoder_embed_dim, config.decoder_value_embed_dim, config.decoder_ffn_embed_dim
+    per_layer = 6 * d + 3 * dv + 3 * f + 1
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(t.untyped_storage().nbytes() for key, t in saved.items()
+                      if key not in weights and t.dtype.is_floating_point)
+    assert activations <= (config.decoder_layers * per_layer + 2 * d + 1) * batch * length * 4, activations
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

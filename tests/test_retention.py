@@ -186,3 +186,33 @@ def test_skipping_the_state_changes_nothing_else():
     out, state = chunkwise_retention(q, k, v, log_decay, 8, valid=valid, resets=resets, with_state=False)
     assert state is None
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_gradients_agree_across_forms_float64(mask_kind):
+    q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=23)
+    masks = select(mask_kind, valid, resets)
+    incoming = parallel_retention(q[:, :, :5], k[:, :, :5], v[:, :, :5], log_decay)[1]
+    probe = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    forms = {
+        "parallel": lambda *a, **kw: parallel_retention(*a, **kw),
+        "chunkwise": lambda *a, **kw: chunkwise_retention(*a[:4], 7, *a[4:], **kw),
+        "recurrent": lambda *a, **kw: recurrent_retention(*a, **kw),
+    }
+    grads = {}
+    for name, form in forms.items():
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, *incoming)]
+        out, (s, scale) = form(*inputs[:3], log_decay, tuple(inputs[3:]), **masks)
+        ((out * probe).sum() + s.square().sum() + scale.sum()).backward()
+        grads[name] = [x.grad for x in inputs]
+    for name in ("chunkwise", "recurrent"):
+        for got, expected in zip(grads[name], grads["parallel"]):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_chunkwise_gradient_matches_finite_differences():
+    q, k, v, log_decay, valid, resets = random_inputs(torch.float64, batch=1, heads=2, length=9, dk=3, dv=2)
+    inputs = tuple(x.requires_grad_() for x in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: chunkwise_retention(q, k, v, log_decay, 4, valid=valid, resets=resets)[0], inputs
+    )

@@ -22,6 +22,7 @@ from conftest import import_torchscale, logits_token_by_token
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
+from torchscale.component.gate_linear_unit import GLU as TorchscaleGLU  # noqa: E402
 from torchscale.component.rms_norm import RMSNorm as TorchscaleRMSNorm  # noqa: E402
 
 
@@ -170,12 +171,23 @@ def _float64_rmsnorm_forward(self, x):
     return output if self.weight is None else output * self.weight
 
 
+def _float64_glu_forward(self, x):
+    """torchscale's GLU.forward (dropout 0), except that float64 stays float64 (its activation runs in float32)."""
+    x_shape = x.shape
+    x = x.reshape(-1, x.size(-1))
+    g = self.gate(x)
+    x = self.fc1(x)
+    x = self.activation_fn(x if x.dtype == torch.float64 else x.float()).type_as(x) * g
+    return self.fc2(x).view(x_shape)
+
+
 def test_zero_eps_matches_torchscale_parallel_exactly(monkeypatch):
     """With eps = 0 the group norm removes torchscale's abs-sum row normalisation exactly, which ours leaves out.
 
-    torchscale's RMSNorm runs in float32 even in a float64 model (about 1e-7 relative error in the logits), so for
-    this comparison it is made to compute in float64, as ours does. q and k are scaled up (qk_gain 8) so that the
-    abs-sum normalisation acts; with eps = 1e-6 it then shows (about 6e-6 relative).
+    torchscale's RMSNorm and its feed-forward activation run in float32 even in a float64 model (about 1e-7
+    relative error in the logits), so for this comparison they are made to compute in float64, as ours do. q and
+    k are scaled up (qk_gain 8) so that the abs-sum normalisation acts; with eps = 1e-6 it then shows (about
+    6e-6 relative).
     """
     fields = dict(activation_fn="swish", no_scale_embedding=False, layernorm_embedding=True)
     tokens = random_tokens()
@@ -195,6 +207,7 @@ def test_zero_eps_matches_torchscale_parallel_exactly(monkeypatch):
     unpatched = differences(0.0)
     assert 1e-9 < max(unpatched.values()) < TOLERANCE, unpatched  # torchscale's float32 norms
     monkeypatch.setattr(TorchscaleRMSNorm, "forward", _float64_rmsnorm_forward)
+    monkeypatch.setattr(TorchscaleGLU, "forward", _float64_glu_forward)
     exact = differences(0.0)
     assert max(exact.values()) < 1e-10, exact
     # Control: with eps > 0 the abs-sum normalisation is no longer removed exactly (so it does act here).

@@ -603,21 +603,25 @@ def decode_summary(rows: List[dict]) -> List[str]:
 PREFILL_VARIANTS = ("RetNet parallel", "RetNet chunkwise", "Llama SDPA")
 
 
-def estimate_prefill_bytes(variant: str, model: nn.Module, length: int, batch: int, backward: bool) -> int:
+def estimate_prefill_bytes(
+    variant: str, model: nn.Module, length: int, batch: int, backward: bool, gradient_checkpointing: bool = False
+) -> int:
     """A rough upper estimate of the peak memory of one prefill point (to skip those that cannot fit): the
     [T, T]-sized retention tensors of the parallel form (about 4 alive per layer, all layers' when training),
-    [T, chunk] ones of the chunkwise form, activations of about 28 widths per token and layer when training,
-    and the logits (three copies when training)."""
+    [T, chunk] ones of the chunkwise form, activations of about 28 widths per token and layer when training
+    (with `gradient_checkpointing`, one layer's and one width per other layer), and the logits (three copies when
+    training)."""
     config = model.config
     element = next(model.parameters()).element_size()
     layers, width = config.num_hidden_layers, config.hidden_size
     logits = batch * (length if backward else 1) * config.vocab_size * 4 * (3 if backward else 1)
-    activations = batch * length * width * element * 28 * (layers if backward else 1)
+    kept_layers = 1 if gradient_checkpointing or not backward else layers
+    activations = batch * length * width * element * (28 * kept_layers + (layers if gradient_checkpointing else 0))
     total = logits + activations + (parameter_count(model) * 4 * 2 if backward else 0)
     if variant.startswith("RetNet"):
         heads = config.decoder_retention_heads
         span = length if variant == "RetNet parallel" else min(length, config.recurrent_chunk_size)
-        total += batch * heads * length * span * 4 * 4 * (layers if backward else 1)
+        total += batch * heads * length * span * 4 * 4 * kept_layers
     return total
 
 
@@ -680,11 +684,14 @@ def prefill_benchmark(
                 model, form = models[variant]
                 previous = measured_peaks.get((variant, mode))
                 if previous is None:
-                    needed = estimate_prefill_bytes(variant, model, length, batch_size, mode != "forward")
+                    needed = estimate_prefill_bytes(
+                        variant, model, length, batch_size, mode != "forward", gradient_checkpointing
+                    )
                 else:
                     power = 2 if variant == "RetNet parallel" else 1
                     needed = int(1.3 * previous[1] * (length / previous[0]) ** power)
                 row = {"variant": variant, "length": length, "batch": batch_size, "mode": mode}
+                _release_freed_memory(collect=False)  # memory malloc still holds from the previous point is free
                 if needed > memory_fraction * available_memory_bytes(device):
                     rows.append({**row, "skipped": f"needs ~{needed / GB:.1f} GiB"})
                     continue
@@ -696,7 +703,7 @@ def prefill_benchmark(
                     peaks.append(peak.peak_bytes)
                     rss_peaks.append(peak.rss_peak_bytes or 0)
                 seconds = statistics.median(times)
-                measured_peaks[(variant, mode)] = (length, max(peaks + rss_peaks))
+                measured_peaks[(variant, mode)] = (length, max(peaks))
                 rows.append({**row, "seconds": seconds, "tokens/s": batch_size * length / seconds,
                              "peak MB": max(peaks) / MB, "skipped": None,
                              "RSS MB": max(rss_peaks) / MB if device.type == "cpu" else None})

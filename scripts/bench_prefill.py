@@ -6,11 +6,12 @@ The logic is `retnet_hf.benchmarking.prefill_benchmark`; this script prints the 
 table and where chunkwise overtakes parallel, and saves prefill.png, prefill.md and prefill.json into --out.
 Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so.
 
-Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 1 repeat): estimated 12-20 minutes on
-an idle 2-core CPU with 23.5 GB (from FLOP counts and a 1k-token calibration, not a full run). There, by the
-memory guard, forward+backward at 16k (about 20 GB for either model in float32: activations and 2 GB logits
-times three) and the parallel form's training above 4k and forward at 16k are skipped and say so;
---gradient-checkpointing makes 16k training fit (estimated 10 GB) and adds about 10 minutes.
+Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 1 repeat): about 10 minutes on an
+idle 2-core CPU with 23.5 GB, most of it the parallel form's forward at 8k (about 2 minutes). There, by the memory
+guard, forward+backward at 16k (about 15 GB of tensors for RetNet, more for Llama, in float32: activations and
+three 2 GB copies of the logits) and the parallel form's longest points are skipped and say so;
+--gradient-checkpointing makes 16k training fit (about 7 GB for either model: then the logits dominate) and takes
+about 5 minutes for the two models at 16k.
 Quick run (tiny model, seconds): python scripts/bench_prefill.py --quick
 """
 
@@ -35,8 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="RetNet chunk size (default: the config's, 512)")
     parser.add_argument("--repeats", type=int, default=1, help="median over this many timings; default 1")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each layer in the backward pass (both models); by estimate it lets 16k "
-                             "training at 125M float32 fit in about 10 GB, where without it each needs about 20 GB")
+                        help="recompute each layer in the backward pass (both models); it lets 16k training at "
+                             "125M float32 fit in about 7 GB, where without it each needs 15 GB or more")
     args = parser.parse_args(argv)
     if args.quick:
         args.size = "tiny"

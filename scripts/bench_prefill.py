@@ -16,6 +16,7 @@ Quick run (tiny model, seconds): python scripts/bench_prefill.py --quick
 """
 
 import argparse
+import os
 import sys
 
 from retnet_hf import benchmarking as bench
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each layer in the backward pass (both models); it lets 16k training at "
                              "125M float32 fit in about 7 GB, where without it each needs 15 GB or more")
+    parser.add_argument("--memory-fraction", type=float, default=0.7,
+                        help="skip a point when its predicted peak (the peak at the previous length, scaled, times "
+                             "1.3) exceeds this fraction of the available memory; default 0.7")
     args = parser.parse_args(argv)
     if args.quick:
         args.size = "tiny"
@@ -58,11 +62,14 @@ def main(argv=None) -> int:
     retnet_config = bench.SIZES[args.size](**overrides)
     retnet, llama = bench.build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
     settings = (f"settings: size {args.size}, {args.dtype}, lengths {args.lengths}, batch {args.batch_size}, "
-                f"modes {args.modes}, {args.repeats} repeat(s), gradient checkpointing {args.gradient_checkpointing}")
+                f"modes {args.modes}, {args.repeats} repeat(s), gradient checkpointing {args.gradient_checkpointing}, "
+                f"memory fraction {args.memory_fraction}")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc: fixed threshold, large blocks go back to the system
+        settings += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
     print(run["header"], bench.describe_models(retnet, llama), settings, sep="\n", flush=True)
     rows = bench.prefill_benchmark(
         retnet, llama, args.lengths, args.batch_size, args.modes, args.variants, args.repeats, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, memory_fraction=args.memory_fraction,
         log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
     )
     table = bench.format_table(rows, COLUMNS)

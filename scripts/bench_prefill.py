@@ -7,11 +7,13 @@ table and where chunkwise overtakes parallel, and saves prefill.png, prefill.md 
 Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so.
 
 Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 1 repeat): about 10 minutes on an
-idle 2-core CPU with 23.5 GB, most of it the parallel form's forward at 8k (about 2 minutes). There, by the memory
-guard, forward+backward at 16k (about 15 GB of tensors for RetNet, more for Llama, in float32: activations and
-three 2 GB copies of the logits) and the parallel form's longest points are skipped and say so;
---gradient-checkpointing makes 16k training fit (about 7 GB for either model: then the logits dominate) and takes
-about 5 minutes for the two models at 16k.
+idle 2-core CPU with 23.5 GB, most of it the parallel form's forward at 8k (about 2 minutes). There the memory
+guard skips the parallel form's longest points and forward+backward at 16k (measured: 14.6 GB of tensors for
+RetNet, 17.0 GB for Llama, in float32) and says so. To measure 16k training on such a machine (about 6 minutes):
+MALLOC_MMAP_THRESHOLD_=131072 python scripts/bench_prefill.py --modes forward+backward \
+    --variants "RetNet chunkwise,Llama SDPA" --lengths 8k,16k --memory-fraction 1.3
+(the fixed malloc threshold keeps the RSS at the tensor peak). --gradient-checkpointing makes 16k training take
+about 7 GB for either model (then the logits dominate).
 Quick run (tiny model, seconds): python scripts/bench_prefill.py --quick
 """
 

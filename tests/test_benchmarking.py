@@ -172,6 +172,18 @@ def test_bench_prefill_quick(tmp_path, capsys):
     assert all(float(row[4]) > 0 for row in rows)
     assert "chunkwise (chunk 32)" in output
     check_png(tmp_path / "prefill.png")
+    # the tensor peak is exact and sees the training step's activations and logits
+    peaks = {(row[0], row[3]): float(row[6]) for row in rows if row[1] == "128"}
+    assert all(peak > 0 for peak in peaks.values())
+    assert peaks[("RetNet chunkwise", "forward+backward")] > peaks[("RetNet chunkwise", "forward")]
+
+
+def test_bench_prefill_names_an_unknown_variant(capsys):
+    script = load_script("bench_prefill")
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--quick", "--variants", "retnet-chunkwise"])
+    assert stop.value.code == 2
+    assert "unknown ['retnet-chunkwise']; choose from RetNet parallel, RetNet chunkwise" in capsys.readouterr().err
 
 
 def test_bench_torchscale_quick(tmp_path, capsys):

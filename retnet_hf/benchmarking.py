@@ -696,17 +696,18 @@ def prefill_benchmark(
                     rows.append({**row, "skipped": f"needs ~{needed / GB:.1f} GiB"})
                     continue
                 log(f"prefill: {variant} {mode} {length} tokens")
-                times, peaks, rss_peaks = [], [], []
+                times, peaks = [], []
                 for _ in range(repeats):
                     with PeakMemory(device) as peak:
                         times.append(timed(lambda: run(model, form, ids, mode), device))
-                    peaks.append(peak.peak_bytes)
-                    rss_peaks.append(peak.rss_peak_bytes or 0)
+                    peaks.append(peak)
                 seconds = statistics.median(times)
-                measured_peaks[(variant, mode)] = (length, max(peaks))
+                peak_bytes = max(peak.peak_bytes for peak in peaks)
+                rss_bytes = None if peaks[0].rss_peak_bytes is None else max(peak.rss_peak_bytes for peak in peaks)
+                measured_peaks[(variant, mode)] = (length, peak_bytes)
                 rows.append({**row, "seconds": seconds, "tokens/s": batch_size * length / seconds,
-                             "peak MB": max(peaks) / MB, "skipped": None,
-                             "RSS MB": max(rss_peaks) / MB if device.type == "cpu" else None})
+                             "peak MB": peak_bytes / MB, "skipped": None,
+                             "RSS MB": None if rss_bytes is None else rss_bytes / MB})
         _release_freed_memory()
     return rows
 
@@ -736,19 +737,21 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
     lines = []
     for mode in sorted({row["mode"] for row in rows}, key=len):
         lengths = sorted({row["length"] for row in rows if row["mode"] == mode})
-        crossover = chunkwise_crossover(rows, mode, chunk_size)
-        measured = sorted({row["length"] for row in rows if row["mode"] == mode and not row.get("skipped")
-                           and row["variant"] == "RetNet parallel"})
-        longer = [length for length in measured if length > chunk_size]
-        if crossover is not None:
-            lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is faster than parallel from {crossover} tokens on")
-        elif longer:
-            lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is not faster than parallel at the longest length "
-                         f"both ran ({longer[-1]})")
-        else:
-            lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
-        if any(row["variant"] == "RetNet parallel" for row in rows) and len(measured) < len(lengths):
-            lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
+        parallel = [row for row in rows if row["mode"] == mode and row["variant"] == "RetNet parallel"]
+        if parallel:  # the crossover and the parallel form's skips, where that form was asked for
+            measured = sorted(row["length"] for row in parallel if not row.get("skipped"))
+            longer = [length for length in measured if length > chunk_size]
+            crossover = chunkwise_crossover(rows, mode, chunk_size)
+            if crossover is not None:
+                lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is faster than parallel from {crossover} "
+                             "tokens on")
+            elif longer:
+                lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is not faster than parallel at the longest "
+                             f"length both ran ({longer[-1]})")
+            else:
+                lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
+            if len(measured) < len(parallel):
+                lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
         peak = {row["variant"]: row["peak MB"] for row in rows
                 if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")}
         if "RetNet chunkwise" in peak and "Llama SDPA" in peak:

@@ -217,3 +217,19 @@ def test_prefill_training_step_with_gradient_checkpointing():
     assert all(row["skipped"] is None and row["seconds"] > 0 for row in rows)
     assert retnet.model.gradient_checkpointing and not retnet.training  # back in eval mode afterwards
     assert all(p.grad is None for p in retnet.parameters())
+
+
+def test_prefill_summary_speaks_of_the_parallel_form_only_where_it_was_asked_for():
+    def row(variant, length, seconds=None, peak=None):
+        skipped = None if seconds else "needs ~99.0 GiB"
+        return {"variant": variant, "length": length, "mode": "forward+backward", "seconds": seconds,
+                "peak MB": peak, "skipped": skipped}
+
+    without_parallel = [row("RetNet chunkwise", 1024, 2.0, 300.0), row("Llama SDPA", 1024, 2.0, 400.0)]
+    assert bench.prefill_summary(without_parallel, chunk_size=512) == [
+        "forward+backward at 1024 tokens: peak tensor memory RetNet chunkwise 300 MB vs Llama SDPA 400 MB (0.75x)"
+    ]
+    with_parallel = without_parallel + [row("RetNet parallel", 512, 1.0, 100.0), row("RetNet parallel", 1024)]
+    lines = bench.prefill_summary(with_parallel, chunk_size=512)
+    assert "forward+backward: parallel form skipped (memory) above 512 tokens" in lines
+    assert "forward+backward: no length above one chunk (512) where both forms ran" in lines

@@ -783,7 +783,8 @@ def test_coexists_with_flash_linear_attention(tmp_path):
     try:
         import fla.models as fla_models
     except ImportError as error:
-        pytest.skip(f"flash-linear-attention is not importable here ({error}); pip install flash-linear-attention")
+        pytest.skip(f"flash-linear-attention is not importable here ({error}); pip install --no-deps "
+                    "flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0 einops (the README's set-up)")
     try:
         check_coexistence_with_fla(fla_models, tmp_path)
     finally:  # fla's "retnet" registration must not leak into other tests (an `import fla` only registers once)

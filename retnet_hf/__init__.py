@@ -14,12 +14,15 @@ from transformers import (
 
 from .configuration_retnet import RetNetConfig
 from .modeling_retnet import (
+    ACTIVATION_CHECKPOINTING,
+    CACHE_NAME,
     LORA_TARGET_MODULES,
     RetNetCache,
     RetNetForCausalLM,
     RetNetForSequenceClassification,
     RetNetModel,
     RetNetPreTrainedModel,
+    enable_activation_checkpointing,
 )
 
 __version__ = "0.1.0"
@@ -35,6 +38,8 @@ for auto_class, model_class in (
     model_class.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
+    "ACTIVATION_CHECKPOINTING",
+    "CACHE_NAME",
     "LORA_TARGET_MODULES",
     "RetNetCache",
     "RetNetConfig",
@@ -42,4 +47,5 @@ __all__ = [
     "RetNetForSequenceClassification",
     "RetNetModel",
     "RetNetPreTrainedModel",
+    "enable_activation_checkpointing",
 ]

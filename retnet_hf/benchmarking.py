@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .configuration_retnet import RetNetConfig
-from .modeling_retnet import RetNetCache, RetNetForCausalLM
+from .modeling_retnet import CACHE_NAME, RetNetCache, RetNetForCausalLM, enable_activation_checkpointing
 
 
 MB = 1024**2
@@ -419,7 +419,7 @@ def decode_benchmark(
     - `generate`: `model.generate(min_new_tokens=N, max_new_tokens=N, do_sample=False)` on the prompt plus its
       next token (N = `new_tokens`), with a streamer recording when each new token arrives; per step
       `(t_last - t_first) / (N - 1)`, which leaves out generate's set-up and the first forward;
-    - `step`: a bare loop of N calls `model(token, past_key_values=cache, use_cache=True)`, greedy.
+    - `step`: a bare loop of N calls `model(token, **{CACHE_NAME: cache}, use_cache=True)`, greedy.
 
     Each row also gives the ceiling of memory-bound decoding: per step the weights (`weight_bytes_per_token`)
     and every row's state or KV cache at that context are read once, so
@@ -458,7 +458,7 @@ def decode_benchmark(
                     lambda: result.update(out=model(prompt, use_cache=True, logits_to_keep=1)), device
                 )
             out = result.pop("out")
-            prefilled, first = out.past_key_values, _next_token(out.logits)
+            prefilled, first = getattr(out, CACHE_NAME), _next_token(out.logits)
             del out
             for batch in batch_sizes:
                 if needed[batch] > memory_fraction * available_memory_bytes(device):
@@ -535,7 +535,7 @@ def _generate_seconds_per_token(model, ids, fresh_cache, new_tokens, repeats, de
 
     def run():
         streamer = TimingStreamer()
-        model.generate(ids, attention_mask=mask, past_key_values=fresh_cache(), do_sample=False,
+        model.generate(ids, attention_mask=mask, **{CACHE_NAME: fresh_cache()}, do_sample=False,
                        min_new_tokens=steps, max_new_tokens=steps, pad_token_id=0, streamer=streamer)
         assert len(streamer.times) == steps, len(streamer.times)
         return (streamer.times[-1] - streamer.times[0]) / (steps - 1)
@@ -551,7 +551,7 @@ def _step_seconds_per_token(model, first, fresh_cache, new_tokens, repeats, devi
         def loop():
             nonlocal token
             for _ in range(new_tokens):
-                token = _next_token(model(token, past_key_values=cache, use_cache=True).logits)
+                token = _next_token(model(token, **{CACHE_NAME: cache}, use_cache=True).logits)
 
         return timed(loop, device) / new_tokens
 
@@ -670,7 +670,7 @@ def prefill_benchmark(
 
     if gradient_checkpointing:
         for model in (retnet, llama):
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
     shortest = min(lengths)
     measured_peaks = {}
     for mode in modes:
@@ -863,13 +863,13 @@ def torchscale_benchmark(
                     results["theirs"] = decoder(prompt[:, : t + 1], incremental_state=state)[0][:, -1]
 
             theirs_prefill = timed(theirs_prompt, device)
-            cache, ours_logits = results["ours"].past_key_values, results["ours"].logits[:, -1]
+            cache, ours_logits = getattr(results["ours"], CACHE_NAME), results["ours"].logits[:, -1]
             differences = [_relative_difference(ours_logits, results["theirs"])]
             sequence, token = prompt, _next_token(results["ours"].logits)
             ours_steps, theirs_steps = [], []
             for _ in range(decode_steps):
                 sequence = torch.cat([sequence, token], dim=1)
-                ours_steps.append(timed(lambda: results.update(ours=model(token, past_key_values=cache,
+                ours_steps.append(timed(lambda: results.update(ours=model(token, **{CACHE_NAME: cache},
                                                                           use_cache=True).logits[:, -1]), device))
                 theirs_steps.append(timed(lambda: results.update(
                     theirs=decoder(sequence, incremental_state=state)[0][:, -1]), device))

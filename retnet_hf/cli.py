@@ -114,6 +114,8 @@ def cmd_chat(args) -> None:
     """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
     import torch
 
+    from .modeling_retnet import CACHE_NAME
+
     model, tokenizer = _load_for_inference(args.model)
     history = torch.empty(1, 0, dtype=torch.long, device=model.device)
     cache = None
@@ -137,7 +139,7 @@ def cmd_chat(args) -> None:
         out = model.generate(
             history,
             attention_mask=torch.ones_like(history),
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             max_new_tokens=args.max_new_tokens,
             streamer=streamer,
             return_dict_in_generate=True,
@@ -147,7 +149,7 @@ def cmd_chat(args) -> None:
             **_sampling_kwargs(args),
         )
         seconds = time.perf_counter() - start
-        history, cache = out.sequences, out.past_key_values
+        history, cache = out.sequences, getattr(out, CACHE_NAME)
         print(f"[{streamer.tokens / max(seconds, 1e-9):.1f} tokens/s, {history.shape[1]} tokens of context]",
               file=sys.stderr)
 

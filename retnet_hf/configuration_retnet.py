@@ -50,7 +50,7 @@ class RetNetConfig(PreTrainedConfig):
     """
 
     model_type = "retnet_hf"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the name from transformers 5.24, and before
     attribute_map = {
         "hidden_size": "decoder_embed_dim",
         "num_hidden_layers": "decoder_layers",

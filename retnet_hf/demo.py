@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .modeling_retnet import CACHE_NAME
 from .pretraining import pretrain
 
 
@@ -34,16 +35,16 @@ def decode_seconds_per_token(model, contexts: Sequence[int], steps: int = 32, ro
     for context in contexts:
         prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
         out = model(prompt, use_cache=True)
-        states[context] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        states[context] = (getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1))
     timings = {context: [] for context in contexts}
     for _ in range(rounds):
         for context in contexts:
             cache, token = states[context]
-            out = model(token, past_key_values=cache, use_cache=True)  # warm-up step
+            out = model(token, cache=cache, use_cache=True)  # warm-up step
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(steps):
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, cache=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             timings[context].append((time.perf_counter() - start) / steps)
             states[context] = (cache, token)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .modeling_retnet import LORA_TARGET_MODULES
+from .modeling_retnet import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
 from .pretraining import UsageError, plot_loss_curve, save_tokenizer
 
 
@@ -160,7 +160,9 @@ def prepare_for_kbit(model, gradient_checkpointing: bool = True):
     """`peft.prepare_model_for_kbit_training` and the bitsandbytes CPU fix; call before `get_peft_model`."""
     from peft import prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:  # here, under the running transformers' name (PEFT calls the deprecated one)
+        enable_activation_checkpointing(model)
     disable_cpu_inference_repacking(model)
     return model
 
@@ -296,7 +298,8 @@ def sft(
         max_length=max_length,
         packing=packing,
         completion_only_loss=completion_only if completion_only else None,
-        gradient_checkpointing=gradient_checkpointing,
+        # TRL defaults gradient checkpointing to on; set under the running transformers' name, so it is not renamed
+        **{ACTIVATION_CHECKPOINTING: gradient_checkpointing},
         logging_steps=min(logging_steps, max_steps) if max_steps > 0 else logging_steps,  # short runs log too
         save_strategy="steps",
         save_steps=save_steps,

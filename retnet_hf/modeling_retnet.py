@@ -6,7 +6,8 @@ modules, from the smallest part to the heads, and the recurrent cache.
 """
 
 import math
-from typing import List, Optional, Tuple, Union
+from functools import partial
+from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +20,59 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_retnet import RETENTION_FORMS, RetNetConfig
 from .retention import RetentionState, chunkwise_retention, parallel_retention, recurrent_retention
 
+
+# ---------------------------------------------------------------------------------------- transformers versions
+# This file runs under every transformers from 4.48 (AutoTrain's pin) to the newest release. What differs between
+# them is bridged here, and nowhere else.
 
 try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
     from transformers import initialization as init
 except ImportError:  # transformers 4.x
     from torch.nn import init
 
+try:  # transformers >= 4.52: the base class of decoder layers, which gradient checkpointing wraps
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers 4.48 sets `gradient_checkpointing` and `_gradient_checkpointing_func` on any module
+
+    class GradientCheckpointingLayer(nn.Module):
+        """A layer that runs under `_gradient_checkpointing_func` while checkpointing is on in training, as the
+        class of the same name in later transformers. Tensors that need gradients must be passed positionally."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: the forward argument that generate()
+# passes, the key of its model kwargs and the field of every output class. `CACHE_NAME` is the running version's
+# name; the forwards here take both names, and outputs are read with `getattr(outputs, CACHE_NAME)`.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# transformers 5.24 also renamed gradient checkpointing to activation checkpointing (`model.<name>_enable`,
+# `TrainingArguments(<name>=...)`); `ACTIVATION_CHECKPOINTING` is the running version's name.
+ACTIVATION_CHECKPOINTING = (
+    "activation_checkpointing" if hasattr(PreTrainedModel, "activation_checkpointing_enable") else "gradient_checkpointing"
+)
+
+
+def enable_activation_checkpointing(model: nn.Module, **checkpoint_kwargs) -> None:
+    """`model.activation_checkpointing_enable(...)` (`gradient_checkpointing_enable` before transformers 5.24);
+    `checkpoint_kwargs` go to `torch.utils.checkpoint.checkpoint` (`use_reentrant=False` if not given)."""
+    getattr(model, f"{ACTIVATION_CHECKPOINTING}_enable")(
+        **{f"{ACTIVATION_CHECKPOINTING}_kwargs": {"use_reentrant": False, **checkpoint_kwargs}}
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
 
 ACTIVATION_FUNCTIONS = {"swish": F.silu, "gelu": F.gelu}
 
@@ -42,7 +86,8 @@ def deepnorm_init_gain(config: RetNetConfig) -> float:
 
 
 class RetNetCache(Cache):
-    """The recurrent state of every layer and the number of tokens seen: RetNet's `past_key_values`.
+    """The recurrent state of every layer and the number of tokens seen: RetNet's cache (`cache`, called
+    `past_key_values` before transformers 5.24).
 
     Per layer the state is `(S [B, H, D, Dv], scale [B, H])` (see `retention.py`), kept in float32 (float64 for a
     float64 model) whatever the model's dtype. Its size does not grow with the context. A state cannot be rolled
@@ -73,6 +118,13 @@ class RetNetCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.num_tokens
+
+    @property
+    def is_linear(self) -> List[bool]:
+        """False for every layer, although retention is a linear attention. transformers (>= 5.24) takes a cache of
+        linear-attention layers for one that cannot count its tokens, and then feeds a continued prompt from its
+        start; this cache counts them, so generate() feeds only the tokens it has not seen, as with a KV cache."""
+        return [False] * len(self.states)
 
     def get_max_length(self) -> Optional[int]:
         return None
@@ -315,7 +367,7 @@ class RetNetGLU(nn.Module):
         return self.activation_fn(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype) * gate
 
 
-class RetNetDecoderLayer(nn.Module):
+class RetNetDecoderLayer(GradientCheckpointingLayer):
     """Retention then the gated feed-forward block, each in a residual branch.
 
     Pre-norm (the default): `x = alpha x + MSR(norm(x))`, then `x = alpha x + GLU(norm(x))`. Post-norm
@@ -359,12 +411,74 @@ class RetNetDecoderLayer(nn.Module):
         return recompute_in_backward(self.final_layer_norm, hidden_states), state
 
 
+class RetNetPackingKwargs(TypedDict, total=False):
+    """A packed row's document boundaries in flash-attention's varlen form, which TRL's padding-free collator sends
+    beside `position_ids`. `cu_seq_lens_q` (`[D + 1]`, the offsets of the D documents of one flattened row) gives
+    the document starts when `position_ids` is not given; the others say the same again and are not needed."""
+
+    cu_seq_lens_q: torch.Tensor
+    cu_seq_lens_k: torch.Tensor
+    max_length_q: int
+    max_length_k: int
+    seq_idx: torch.Tensor
+
+
+class RetNetLossKwargs(TypedDict, total=False):
+    """Passed on to transformers' loss function."""
+
+    num_items_in_batch: Union[int, torch.Tensor]  # tokens in the whole accumulated batch (Trainer)
+    ignore_index: int
+    shift_labels: torch.Tensor
+
+
+class RetNetKwargs(RetNetPackingKwargs, RetNetLossKwargs):
+    """The keyword arguments the forwards with a head take beyond their named ones."""
+
+
+# generate() hands some of its own arguments on to forward: `tokenizer` and `assistant_tokenizer` (transformers 5,
+# for `stop_strings`), `cache_position` (transformers 4; positions here come from the cache). They are dropped.
+GENERATE_ARGUMENTS_FOR_NO_MODEL = ("tokenizer", "assistant_tokenizer", "cache_position")
+
+
+def _split_kwargs(kwargs: dict, *kinds: type) -> List[dict]:
+    """`kwargs` sorted into one dict per TypedDict of `kinds`; a key none of them declares is a TypeError naming it."""
+    kwargs = {key: value for key, value in kwargs.items() if key not in GENERATE_ARGUMENTS_FOR_NO_MODEL}
+    known = [name for kind in kinds for name in kind.__annotations__]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise TypeError(
+            f"RetNet's forward got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; beyond the named "
+            f"arguments of its signature it takes {', '.join(known)}."
+        )
+    return [{key: kwargs[key] for key in kind.__annotations__ if key in kwargs} for kind in kinds]
+
+
+def _one_cache(cache: Optional[RetNetCache], past_key_values: Optional[RetNetCache]) -> Optional[RetNetCache]:
+    """The state, passed as `cache` or as `past_key_values` (its name before transformers 5.24)."""
+    if past_key_values is None or past_key_values is cache:
+        return cache
+    if cache is not None:
+        raise ValueError(
+            "Both `cache` and `past_key_values` were given, as two different objects; they are two names of the "
+            "same argument (`past_key_values` before transformers 5.24): pass the state once, as `cache`."
+        )
+    return past_key_values
+
+
+def _refuse_attentions(output_attentions: Optional[bool]) -> None:
+    if output_attentions:
+        raise ValueError(
+            "RetNet has no attention weights to return (retention is computed without a softmax over positions); "
+            "call it with output_attentions=False or None."
+        )
+
+
 class RetNetPreTrainedModel(PreTrainedModel):
     config_class = RetNetConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RetNetDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules = ["retnet_rel_pos"]
     _is_stateful = True
     _supports_cache_class = True
@@ -415,7 +529,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
 class RetNetModel(RetNetPreTrainedModel):
     """The RetNet decoder without a head: embeddings, N layers, a final RMSNorm.
 
-    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and `past_key_values` a `RetNetCache`.
+    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and a `RetNetCache`.
     """
 
     def __init__(self, config: RetNetConfig):
@@ -455,13 +569,15 @@ class RetNetModel(RetNetPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RetNetCache] = None,
+        cache: Optional[RetNetCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         retention_form: Optional[str] = None,
-        **kwargs,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetPackingKwargs],
     ) -> Union[Tuple, BaseModelOutputWithPast]:
         """
         Args:
@@ -470,9 +586,17 @@ class RetNetModel(RetNetPreTrainedModel):
             position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
                 tokens starts a new document (packed rows), and the state before it is discarded. Rotations and
                 decays are relative, so they are taken from the token count.
-            past_key_values (`RetNetCache`): the state to continue from; updated in place and returned.
+            cache (`RetNetCache`): the state to continue from; updated in place and returned.
             retention_form (`str`): override `config.retention_form` for this call.
+            past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
+            output_attentions: RetNet has no attention weights; only None or False is accepted.
+            kwargs: `RetNetPackingKwargs` (document boundaries of a packed row, as TRL's padding-free collator sends).
+        Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and the cache in its field named
+        `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
         """
+        (packing,) = _split_kwargs(kwargs, RetNetPackingKwargs)
+        cache = _one_cache(cache, past_key_values)
+        _refuse_attentions(output_attentions)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -496,22 +620,20 @@ class RetNetModel(RetNetPreTrainedModel):
         if length == 0:
             raise ValueError("The input has no tokens (length 0).")
 
-        if past_key_values is not None and not isinstance(past_key_values, RetNetCache):
-            raise TypeError(
-                f"past_key_values must be a RetNetCache (as returned by this model), got {type(past_key_values)}."
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = RetNetCache(self.config.decoder_layers)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        has_state = past_key_values is not None and past_key_values.states[0] is not None
-        if has_state and past_key_values.states[0][0].shape[0] != batch:
+        if cache is not None and not isinstance(cache, RetNetCache):
+            raise TypeError(f"cache must be a RetNetCache (as returned by this model), got {type(cache)}.")
+        if use_cache and cache is None:
+            cache = RetNetCache(self.config.decoder_layers)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        has_state = cache is not None and cache.states[0] is not None
+        if has_state and cache.states[0][0].shape[0] != batch:
             raise ValueError(
-                f"past_key_values holds a batch of {past_key_values.states[0][0].shape[0]} rows but the input has "
-                f"{batch}; pass a cache made for this batch."
+                f"The cache holds a batch of {cache.states[0][0].shape[0]} rows but the input has {batch}; pass a "
+                "cache made for this batch."
             )
 
         valid = self._valid_tokens(attention_mask, batch, length, past_length)
-        resets = self._document_starts(position_ids, batch, length, has_state)
+        resets = self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state)
         form = self._choose_form(retention_form, length)
 
         hidden_states = inputs_embeds * self.embed_scale
@@ -524,29 +646,22 @@ class RetNetModel(RetNetPreTrainedModel):
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            state = past_key_values.states[idx] if has_state else None
-            if self.gradient_checkpointing and self.training:
-                hidden_states, state = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, rotation, log_decay, form, state, valid, resets, use_cache
-                )
-            else:
-                hidden_states, state = layer(
-                    hidden_states, rotation, log_decay, form, state, valid, resets, use_cache
-                )
+            state = cache.states[idx] if has_state else None
+            hidden_states, state = layer(hidden_states, rotation, log_decay, form, state, valid, resets, use_cache)
             if use_cache:
-                past_key_values.update_state(idx, state)
+                cache.update_state(idx, state)
         if use_cache:
-            past_key_values.num_tokens += length
+            cache.num_tokens += length
 
         if self.layer_norm is not None:
             hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        past_key_values = past_key_values if use_cache else None
+        cache = cache if use_cache else None
         if not return_dict:
-            return tuple(v for v in (hidden_states, past_key_values, all_hidden_states) if v is not None)
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
         )
 
     @staticmethod
@@ -564,21 +679,32 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"{past_length + length} (the cached and the new tokens)."
             )
         valid = attention_mask[:, -length:].bool()
-        return None if valid.all() else valid
+        # (under torch.compile / torch.export the mask is kept: a branch on tensor values would break the graph)
+        return valid if is_torchdynamo_compiling() or not valid.all() else None
 
     @staticmethod
-    def _document_starts(position_ids, batch, length, has_state) -> Optional[torch.Tensor]:
-        """Bool `[B, T]` marking tokens at position 0 that discard the state before them, or None if there are none."""
-        if position_ids is None:
+    def _document_starts(position_ids, cu_seq_lens, batch, length, has_state) -> Optional[torch.Tensor]:
+        """Bool `[B, T]` marking tokens at position 0 (or, without `position_ids`, at the document offsets
+        `cu_seq_lens` of one packed row) that discard the state before them; None if there are none."""
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids must have shape [{batch} or 1, {length}], got {tuple(position_ids.shape)}."
+                )
+            resets = (position_ids == 0).expand(batch, length)
+        elif cu_seq_lens is not None:
+            if batch != 1 or cu_seq_lens.dim() != 1:
+                raise ValueError(
+                    f"cu_seq_lens_q ({tuple(cu_seq_lens.shape)}) describes the documents of one flattened row; the "
+                    f"input has {batch} rows. Pass position_ids restarting at 0 per document instead."
+                )
+            starts = cu_seq_lens[:-1].long()
+            resets = torch.zeros(1, length, dtype=torch.bool, device=starts.device).index_fill_(1, starts, True)
+        else:
             return None
-        if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
-            raise ValueError(
-                f"position_ids must have shape [{batch} or 1, {length}], got {tuple(position_ids.shape)}."
-            )
-        resets = (position_ids == 0).expand(batch, length)
         if not has_state:
             resets = torch.cat([torch.zeros_like(resets[:, :1]), resets[:, 1:]], dim=1)
-        return resets if resets.any() else None
+        return resets if is_torchdynamo_compiling() or resets.any() else None
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -599,10 +725,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """Give generate() a fresh RetNetCache up front (needed for chunked prefill); the base class would not."""
-        if generation_config.use_cache is not False and model_kwargs.get("past_key_values") is None:
-            model_kwargs["past_key_values"] = RetNetCache(self.config.decoder_layers)
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        """Give generate() a fresh RetNetCache up front (chunked prefill needs one); the base class would not."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = RetNetCache(self.config.decoder_layers)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -615,7 +741,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RetNetCache] = None,
+        cache: Optional[RetNetCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
@@ -623,40 +749,45 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         retention_form: Optional[str] = None,
-        **kwargs,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetKwargs],
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         """
         labels (`[B, T]`): next-token targets (shifted inside), -100 ignored.
         logits_to_keep (`int` or 1D tensor): compute logits for the last `logits_to_keep` positions only (0: all),
             or for the given positions.
+        kwargs: `RetNetKwargs`: document boundaries of a packed row (to the backbone) and loss arguments.
         Returns `CausalLMOutputWithPast` with `logits` `[B, T', V]`. Other arguments as `RetNetModel.forward`.
         """
+        packing, loss_kwargs = _split_kwargs(kwargs, RetNetPackingKwargs, RetNetLossKwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             retention_form=retention_form,
+            output_attentions=output_attentions,
+            **packing,
         )
+        cache = getattr(outputs, CACHE_NAME)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         if not return_dict:
-            output = (logits,) + tuple(
-                v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None
-            )
+            output = (logits,) + tuple(v for v in (cache, outputs.hidden_states) if v is not None)
             return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache}
         )
 
 
@@ -681,26 +812,33 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RetNetCache] = None,
+        cache: Optional[RetNetCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        **kwargs,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetKwargs],
     ) -> Union[Tuple, SequenceClassifierOutputWithPast]:
-        """Returns `SequenceClassifierOutputWithPast` with `logits` `[B, num_labels]`; `labels` `[B]` give the loss."""
+        """Returns `SequenceClassifierOutputWithPast` with `logits` `[B, num_labels]`; `labels` `[B]` give the loss.
+        Arguments as `RetNetForCausalLM.forward`."""
+        packing, loss_kwargs = _split_kwargs(kwargs, RetNetPackingKwargs, RetNetLossKwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            output_attentions=output_attentions,
+            **packing,
         )
+        cache = getattr(outputs, CACHE_NAME)
         logits = self.score(outputs.last_hidden_state)
         batch, length = logits.shape[:2]
         if attention_mask is not None:
@@ -715,25 +853,25 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        if not return_dict:
-            output = (pooled_logits,) + tuple(
-                v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None
+            loss = self.loss_function(
+                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config, **loss_kwargs
             )
+        if not return_dict:
+            output = (pooled_logits,) + tuple(v for v in (cache, outputs.hidden_states) if v is not None)
             return (loss,) + output if loss is not None else output
         return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache}
         )
 
 
 __all__ = [
+    "ACTIVATION_CHECKPOINTING",
+    "CACHE_NAME",
     "LORA_TARGET_MODULES",
     "RetNetCache",
     "RetNetForCausalLM",
     "RetNetForSequenceClassification",
     "RetNetModel",
     "RetNetPreTrainedModel",
+    "enable_activation_checkpointing",
 ]

@@ -1,9 +1,15 @@
 """Shared fixtures: tiny RetNet configs and models, built locally (nothing is downloaded)."""
 
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
-from retnet_hf import RetNetConfig, RetNetForCausalLM
+import retnet_hf
+from retnet_hf import CACHE_NAME, RetNetConfig, RetNetForCausalLM
 
 
 def tiny_config(**overrides) -> RetNetConfig:
@@ -29,13 +35,19 @@ def tiny_model(dtype=torch.float32, seed=0, **overrides) -> RetNetForCausalLM:
     return RetNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
 
 
+def cache_of(outputs):
+    """The cache a model output carries, in the running transformers' field (`cache` from 5.24, before it
+    `past_key_values`), read without the deprecation notice that the other name logs."""
+    return getattr(outputs, CACHE_NAME)
+
+
 @torch.no_grad()
 def logits_token_by_token(model, ids, cache=None):
     """Feed `ids` [B, T] one token per call through the recurrent cache; the logits of every step, [B, T, V]."""
     steps = []
     for t in range(ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = cache_of(out)
         steps.append(out.logits[:, -1])
     return torch.stack(steps, dim=1)
 
@@ -61,3 +73,59 @@ def import_torchscale():
     from retnet_hf.benchmarking import import_torchscale as package_import
 
     return package_import()
+
+
+# ------------------------------------------------------------------------ child processes without the package
+
+REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
+# a python with transformers 4.48 (AutoTrain's pin), for the saved code's checks; CI makes that venv
+TRANSFORMERS_448_ENV = "RETNET_TRANSFORMERS_448_PYTHON"
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    """An environment for a child python that cannot see this repository: offline, own HF cache, no PYTHONPATH to
+    the repo (the editable install is blocked inside the scripts with `sys.modules['retnet_hf'] = None`)."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["RETNET_TEST_REPO_ROOT"] = str(REPO_ROOT)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [p for p in paths if Path(p).resolve() != REPO_ROOT and not Path(p).resolve().is_relative_to(REPO_ROOT)]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_script(python: str, script: str, tmp_path: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    path = tmp_path / "child_script.py"
+    path.write_text(textwrap.dedent(script))
+    result = subprocess.run(
+        [python, str(path)], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"child failed ({python}):\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result
+
+
+# A child script starts with this: the package must not be importable (it is installed in editable mode, so the
+# path alone would not hide it).
+BLOCK_PACKAGE = """
+import os
+import sys
+from pathlib import Path
+
+repo = Path(os.environ["RETNET_TEST_REPO_ROOT"])
+assert not any(Path(p or ".").resolve() == repo for p in sys.path), sys.path
+sys.modules["retnet_hf"] = None
+try:
+    import retnet_hf  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("retnet_hf is importable in the child process; the trust_remote_code test would prove nothing")
+"""

@@ -20,6 +20,8 @@ from transformers import LlamaForCausalLM
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 from retnet_hf import benchmarking as bench
 
+from conftest import cache_of
+
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,8 +94,8 @@ def test_cache_bytes_match_the_formulas():
     retnet, llama = bench.build_models(bench.retnet_tiny_config())
     tokens = torch.zeros(2, 40, dtype=torch.long)
     with torch.no_grad():
-        retnet_cache = retnet(tokens, use_cache=True).past_key_values
-        llama_cache = llama(tokens, use_cache=True).past_key_values
+        retnet_cache = cache_of(retnet(tokens, use_cache=True))
+        llama_cache = cache_of(llama(tokens, use_cache=True))
     assert bench.cache_bytes(retnet_cache) == bench.retnet_state_bytes(retnet.config, batch=2)
     assert bench.cache_bytes(llama_cache) == bench.llama_kv_bytes(llama.config, 40, batch=2)
     # per-step weight bytes leave out the input embedding table (untied), and only it

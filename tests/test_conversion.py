@@ -27,7 +27,7 @@ import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
 from retnet_hf.conversion import ConversionError, convert_checkpoint
 
-from conftest import import_torchscale, logits_token_by_token
+from conftest import cache_of, import_torchscale, logits_token_by_token
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
@@ -56,8 +56,8 @@ def all_forms(model, ids):
     result = {form: model(ids, retention_form=form).logits for form in FORMS}
     result["cache, token by token"] = logits_token_by_token(model, ids)
     first = model(ids[:, :7], use_cache=True)
-    second = model(ids[:, 7:12], past_key_values=first.past_key_values, use_cache=True)
-    rest = logits_token_by_token(model, ids[:, 12:], second.past_key_values)
+    second = model(ids[:, 7:12], cache=cache_of(first), use_cache=True)
+    rest = logits_token_by_token(model, ids[:, 12:], cache_of(second))
     result["cache, prefill 7 + 5 then tokens"] = torch.cat([first.logits, second.logits, rest], dim=1)
     return result
 

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from retnet_hf import LORA_TARGET_MODULES, RetNetForCausalLM  # noqa: E402
+from retnet_hf import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, RetNetForCausalLM  # noqa: E402
 from retnet_hf.finetuning import (  # noqa: E402
     GUANACO_CHAT_TEMPLATE,
     disable_cpu_inference_repacking,
@@ -340,8 +340,9 @@ def run_trainer(model, tokenizer, dataset, tmp_path, **config):
     )
     args = dict(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4,
                 learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                use_cpu=True, bf16=False, report_to=[], max_length=64, disable_tqdm=True, seed=0,
-                gradient_checkpointing=False)
+                use_cpu=True, bf16=False, report_to=[], max_length=64, disable_tqdm=True, seed=0)
+    # under the running transformers' name (TRL defaults it to on; 5.24 renamed it activation_checkpointing)
+    args[ACTIVATION_CHECKPOINTING] = config.pop("gradient_checkpointing", False)
     args.update(config)
     trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
@@ -392,6 +393,8 @@ def test_sft_trainer(tmp_path, folder, tokenizer, rows, method, options):
         assert model.get_base_model().model.gradient_checkpointing if method != "full" else True
 
 
+# the recipe as users write it: PEFT (0.21, the newest) enables checkpointing under the name transformers 5.24 deprecated
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_qlora_tutorial_recipe(tmp_path, folder, tokenizer, rows):
     """bf16 compute, norm modules upcast to fp32 by name, gradient checkpointing, length-grouped batches."""
     from peft import prepare_model_for_kbit_training

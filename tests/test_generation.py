@@ -22,9 +22,9 @@ from transformers import (
 )
 from transformers.generation import BaseStreamer
 
-from retnet_hf import RetNetCache
+from retnet_hf import CACHE_NAME, RetNetCache
 
-from conftest import tiny_model
+from conftest import cache_of, tiny_model
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
 PRECISIONS = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 1e-4, id="fp32")]
@@ -62,7 +62,7 @@ def continue_logits(model, cache, next_ids, mask=None, form=None):
     cache = copy.deepcopy(cache)
     if mask is not None:
         mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-    return model(next_ids, attention_mask=mask, past_key_values=cache, retention_form=form).logits
+    return model(next_ids, attention_mask=mask, cache=cache, retention_form=form).logits
 
 
 class RecordDecoderInputs:
@@ -76,7 +76,7 @@ class RecordDecoderInputs:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         self.lengths.append((ids if ids is not None else embeds).shape[1])
-        self.caches.append(kwargs.get("past_key_values"))
+        self.caches.append(kwargs.get("cache"))
 
     def __enter__(self):
         return self
@@ -136,8 +136,8 @@ def test_generate_with_cache_equals_without(mode):
     assert cached.sequences.shape == (rows, 6 + 10)
     assert torch.equal(cached.sequences[:, :6], ids.repeat_interleave(rows // 2, dim=0))
     assert torch.equal(cached.sequences, recomputed.sequences)
-    assert isinstance(cached.past_key_values, RetNetCache)
-    assert recomputed.past_key_values is None
+    assert isinstance(cache_of(cached), RetNetCache)
+    assert cache_of(recomputed) is None
     assert len(cached.logits) == len(cached.scores) == 10
     for outputs in ("logits", "scores"):  # raw and processed logits of every step
         for a, b in zip(getattr(cached, outputs), getattr(recomputed, outputs)):
@@ -169,7 +169,7 @@ def test_each_decode_step_feeds_exactly_one_token(num_beams):
             ids, max_new_tokens=6, do_sample=False, num_beams=num_beams, return_dict_in_generate=True
         )
     assert calls.lengths == [9] + [1] * 5  # the prompt once, then one token per new token (the last is not fed)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert isinstance(cache, RetNetCache)
     assert calls.caches[0] is None or calls.caches[0] is cache
     assert all(c is cache for c in calls.caches[1:])  # one cache object, updated in place
@@ -193,11 +193,11 @@ def decode_step(model, context_length):
     """Generate after a prompt of `context_length` tokens; return the state shapes and one decode step's FLOPs."""
     ids = prompt(length=context_length, seed=context_length)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert cache.get_seq_length() == context_length + 2
     shapes = state_shapes(cache)
     with FlopCounterMode(display=False) as counter:
-        model(out.sequences[:, -1:], past_key_values=cache, use_cache=True)
+        model(out.sequences[:, -1:], cache=cache, use_cache=True)
     return shapes, counter.get_total_flops()
 
 
@@ -224,11 +224,11 @@ def test_returned_cache_continues_exactly(pieces, form, with_mask):
     full = model(ids, retention_form="parallel").logits
 
     out = model(ids[:, :7], use_cache=True, retention_form=form)
-    cache, logits, seen = out.past_key_values, [out.logits], 7
+    cache, logits, seen = cache_of(out), [out.logits], 7
     for n in pieces:
         mask = torch.ones(2, seen + n, dtype=torch.long) if with_mask else None
-        step = model(ids[:, seen : seen + n], attention_mask=mask, past_key_values=cache, retention_form=form)
-        assert step.past_key_values is cache
+        step = model(ids[:, seen : seen + n], attention_mask=mask, cache=cache, retention_form=form)
+        assert cache_of(step) is cache
         seen += n
         assert cache.get_seq_length() == seen
         logits.append(step.logits)
@@ -244,22 +244,22 @@ def test_a_copied_cache_is_independent(grad):
     with torch.no_grad():
         full = model(ids).logits
     with torch.set_grad_enabled(grad):
-        cache = model(ids[:, :8], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :8], use_cache=True))
         saved = copy.deepcopy(cache)
-        model(prompt(batch=2, length=3, seed=9), past_key_values=cache)  # move the original elsewhere
-        torch.testing.assert_close(model(ids[:, 8:], past_key_values=saved).logits, full[:, 8:], **TIGHT)
+        model(prompt(batch=2, length=3, seed=9), cache=cache)  # move the original elsewhere
+        torch.testing.assert_close(model(ids[:, 8:], cache=saved).logits, full[:, 8:], **TIGHT)
     assert saved.get_seq_length() == 12 and cache.get_seq_length() == 11
 
 
 @pytest.mark.parametrize("prefix_short_by", [1, 3])
 def test_generate_continues_from_a_prefilled_cache(prefix_short_by):
-    """generate(full prompt, past_key_values=cache of a prefix) feeds only the rest and equals a fresh run."""
+    """generate(full prompt, cache=cache of a prefix) feeds only the rest and equals a fresh run."""
     model = model64()
     ids = prompt(batch=2, length=10)
     fresh = model.generate(ids, max_new_tokens=6, do_sample=False)
-    cache = model(ids[:, :-prefix_short_by], use_cache=True).past_key_values
+    cache = cache_of(model(ids[:, :-prefix_short_by], use_cache=True))
     with RecordDecoderInputs(model) as calls:
-        continued = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        continued = model.generate(ids, **{CACHE_NAME: cache}, max_new_tokens=6, do_sample=False)
     assert calls.lengths == [prefix_short_by] + [1] * 5
     assert torch.equal(continued, fresh)
 
@@ -276,14 +276,14 @@ def test_generate_continues_from_its_returned_cache(new_user_tokens):
     with RecordDecoderInputs(model) as calls:
         second = model.generate(
             history,
-            past_key_values=first.past_key_values,
+            **{CACHE_NAME: cache_of(first)},
             max_new_tokens=4,
             do_sample=False,
             return_dict_in_generate=True,
         )
     assert calls.lengths[0] == 1 + new_user_tokens  # only what the cache has not seen
     assert torch.equal(second.sequences, reference)
-    assert second.past_key_values.get_seq_length() == history.shape[1] + 3
+    assert cache_of(second).get_seq_length() == history.shape[1] + 3
 
 
 def test_generate_from_inputs_embeds_equals_from_input_ids():
@@ -310,7 +310,7 @@ def test_chunked_prefill_equals_one_prefill(explicit_cache, padded):
     cache = RetNetCache(model.config.decoder_layers) if explicit_cache else None
     with RecordDecoderInputs(model) as calls:
         chunked = model.generate(
-            ids, attention_mask=mask, past_key_values=cache, prefill_chunk_size=3, max_new_tokens=6, do_sample=False
+            ids, attention_mask=mask, **{CACHE_NAME: cache}, prefill_chunk_size=3, max_new_tokens=6, do_sample=False
         )
     assert calls.lengths[:3] == [3, 3, 3] and calls.lengths[-5:] == [1] * 5
     assert sum(calls.lengths) == ids.shape[1] + 5
@@ -364,15 +364,15 @@ def test_left_padded_logits_and_states_equal_unpadded(form, dtype, tol, pad_embe
     ids, mask = left_pad(prompts)
     nxt = prompt(batch=len(prompts), length=3, seed=99)
     out = model(ids, attention_mask=mask, retention_form=form, use_cache=True)
-    after = continue_logits(model, out.past_key_values, nxt, mask=mask, form=form)
+    after = continue_logits(model, cache_of(out), nxt, mask=mask, form=form)
     width = ids.shape[1]
     for row, p in enumerate(prompts):
         alone = model(p[None], retention_form=form, use_cache=True)
         real = slice(width - len(p), None)
         torch.testing.assert_close(out.logits[row : row + 1, real], alone.logits, rtol=tol, atol=tol)
-        for (_, scale), (_, alone_scale) in zip(out.past_key_values.states, alone.past_key_values.states):
+        for (_, scale), (_, alone_scale) in zip(cache_of(out).states, cache_of(alone).states):
             torch.testing.assert_close(scale[row : row + 1], alone_scale, rtol=tol, atol=tol)
-        alone_after = continue_logits(model, alone.past_key_values, nxt[row : row + 1], form=form)
+        alone_after = continue_logits(model, cache_of(alone), nxt[row : row + 1], form=form)
         torch.testing.assert_close(after[row : row + 1], alone_after, rtol=tol, atol=tol)
 
 
@@ -402,8 +402,8 @@ def test_packed_row_equals_separate_documents(form, dtype, tol):
     # the state after the row acts as the last document's state alone: earlier documents left nothing in it
     nxt = prompt(length=4, seed=99)
     torch.testing.assert_close(
-        continue_logits(model, out.past_key_values, nxt, form=form),
-        continue_logits(model, alone.past_key_values, nxt, form=form),
+        continue_logits(model, cache_of(out), nxt, form=form),
+        continue_logits(model, cache_of(alone), nxt, form=form),
         rtol=tol,
         atol=tol,
     )
@@ -442,7 +442,7 @@ def test_prompt_lookup_decoding_is_refused():
 
 def test_cache_crop_raises():
     model = tiny_model()
-    cache = model(prompt(length=5), use_cache=True).past_key_values
+    cache = cache_of(model(prompt(length=5), use_cache=True))
     with pytest.raises(NotImplementedError, match="cannot be rolled back"):
         cache.crop(3)
     assert cache.is_croppable is False and cache.is_compileable is False
@@ -573,13 +573,13 @@ def test_cache_row_operations_keep_each_row_state():
     model = tiny_model(torch.float64)
     ids, nxt = prompt(batch=3, length=6), prompt(batch=3, length=2, seed=5)
     reference = model(torch.cat([ids, nxt], dim=1)).logits[:, -2:]
-    cache = model(ids, use_cache=True).past_key_values
+    cache = cache_of(model(ids, use_cache=True))
 
     def continued(operation, *args, rows):
         copied = copy.deepcopy(cache)
         getattr(copied, operation)(*args)
         assert copied.get_seq_length() == 6
-        return model(nxt[rows], past_key_values=copied).logits
+        return model(nxt[rows], cache=copied).logits
 
     repeat = torch.arange(3).repeat_interleave(2)
     torch.testing.assert_close(continued("batch_repeat_interleave", 2, rows=repeat), reference[repeat], **TIGHT)
@@ -588,13 +588,13 @@ def test_cache_row_operations_keep_each_row_state():
     keep = torch.tensor([1])
     torch.testing.assert_close(continued("batch_select_indices", keep, rows=keep), reference[keep], **TIGHT)
     # the original cache was not touched by the operations on its copies
-    torch.testing.assert_close(model(nxt, past_key_values=cache).logits, reference, **TIGHT)
+    torch.testing.assert_close(model(nxt, cache=cache).logits, reference, **TIGHT)
 
 
 def test_cache_reset_starts_over():
     model = tiny_model(torch.float64)
     ids = prompt(batch=2, length=5)
-    cache = model(prompt(batch=2, length=9, seed=3), use_cache=True).past_key_values
+    cache = cache_of(model(prompt(batch=2, length=9, seed=3), use_cache=True))
     cache.reset()
     assert cache.get_seq_length() == 0 and all(state is None for state in cache.states)
-    torch.testing.assert_close(model(ids, past_key_values=cache).logits, model(ids).logits, **TIGHT)
+    torch.testing.assert_close(model(ids, cache=cache).logits, model(ids).logits, **TIGHT)

@@ -12,7 +12,7 @@ from retnet_hf import (
     RetNetModel,
 )
 
-from conftest import tiny_config, tiny_model
+from conftest import cache_of, tiny_config, tiny_model
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
 
@@ -30,7 +30,7 @@ def test_forms_give_the_same_logits_and_states(dtype, tol, chunk_size):
     ref = outputs["parallel"]
     for form in ("chunkwise", "recurrent"):
         torch.testing.assert_close(outputs[form].logits, ref.logits, rtol=tol, atol=tol)
-        for (s, scale), (ref_s, ref_scale) in zip(outputs[form].past_key_values.states, ref.past_key_values.states):
+        for (s, scale), (ref_s, ref_scale) in zip(cache_of(outputs[form]).states, cache_of(ref).states):
             torch.testing.assert_close(s, ref_s, rtol=tol, atol=tol)
             torch.testing.assert_close(scale, ref_scale, rtol=tol, atol=tol)
 
@@ -42,9 +42,9 @@ def test_prefill_in_one_form_continue_in_another(first, second):
     x = tokens(length=17)
     ref = model(x, retention_form="parallel").logits
     head = model(x[:, :7], retention_form=first, use_cache=True)
-    tail = model(x[:, 7:], retention_form=second, past_key_values=head.past_key_values, use_cache=True)
+    tail = model(x[:, 7:], retention_form=second, cache=cache_of(head), use_cache=True)
     torch.testing.assert_close(torch.cat([head.logits, tail.logits], dim=1), ref, rtol=1e-10, atol=1e-10)
-    assert tail.past_key_values.get_seq_length() == 17
+    assert cache_of(tail).get_seq_length() == 17
 
 
 def test_auto_form_choice_is_exact():
@@ -56,8 +56,8 @@ def test_auto_form_choice_is_exact():
     cache = None
     steps = []
     for t in range(x.shape[1]):
-        out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
+        cache = cache_of(out)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=1e-10, atol=1e-10)
 
@@ -91,7 +91,7 @@ def test_standard_outputs_and_loss():
     assert isinstance(out, CausalLMOutputWithPast)
     assert out.logits.shape == (2, 19, 64)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
-    assert isinstance(out.past_key_values, RetNetCache)
+    assert isinstance(cache_of(out), RetNetCache)
     expected = torch.nn.functional.cross_entropy(
         out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100
     )
@@ -190,11 +190,11 @@ def test_bad_inputs_raise_clear_errors():
         model(x, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="position_ids must have shape"):
         model(x, position_ids=torch.arange(5)[None])
-    cache = model(x, use_cache=True).past_key_values
+    cache = cache_of(model(x, use_cache=True))
     with pytest.raises(ValueError, match="batch of 2 rows"):
-        model(x[:1, :1], past_key_values=cache)
+        model(x[:1, :1], cache=cache)
     with pytest.raises(TypeError, match="RetNetCache"):
-        model(x, past_key_values=((torch.zeros(1),),))
+        model(x, cache=((torch.zeros(1),),))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -205,7 +205,7 @@ def test_half_precision_over_8k_tokens_stays_finite(dtype):
         out = model(x, use_cache=True)
     assert out.logits.dtype == dtype
     assert torch.isfinite(out.logits).all()
-    assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s, _ in out.past_key_values.states)
+    assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s, _ in cache_of(out).states)
     # and the half-precision model follows the float32 one
     reference = tiny_model(torch.float32, recurrent_chunk_size=512)
     with torch.no_grad():

@@ -9,25 +9,27 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import retnet_hf
 from retnet_hf import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification, RetNetModel
 from retnet_hf.modeling_retnet import RetNetDecoderLayer
 
-from conftest import tiny_config, tiny_model
+from conftest import (
+    BLOCK_PACKAGE,
+    TRANSFORMERS_448_ENV,
+    cache_of,
+    run_script,
+    tiny_config,
+    tiny_model,
+)
 
 
-REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
 CODE_FILES = ("modeling_retnet.py", "configuration_retnet.py", "retention.py")
-TRANSFORMERS_448_ENV = "RETNET_TRANSFORMERS_448_PYTHON"
 
 
 def sample_ids(batch=2, length=11, seed=0, vocab=64):
@@ -48,55 +50,6 @@ def assert_saved_folder(folder: Path):
     assert not any(name.endswith(".bin") for name in files), files
     for name in CODE_FILES:
         assert name in files, f"{name} was not copied next to the weights: {sorted(files)}"
-
-
-def subprocess_env(tmp_path: Path) -> dict:
-    """An environment for a child python that cannot see this repository: offline, own HF cache, no PYTHONPATH to
-    the repo (the editable install is blocked inside the scripts with `sys.modules['retnet_hf'] = None`)."""
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env["HF_HOME"] = str(tmp_path / "hf_home")
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    env["RETNET_TEST_REPO_ROOT"] = str(REPO_ROOT)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    paths = [p for p in paths if Path(p).resolve() != REPO_ROOT and not Path(p).resolve().is_relative_to(REPO_ROOT)]
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-    else:
-        env.pop("PYTHONPATH", None)
-    return env
-
-
-def run_script(python: str, script: str, tmp_path: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    path = tmp_path / "child_script.py"
-    path.write_text(textwrap.dedent(script))
-    result = subprocess.run(
-        [python, str(path)], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, f"child failed ({python}):\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
-    return result
-
-
-# A child script starts with this: the package must not be importable (it is installed in editable mode, so the
-# path alone would not hide it).
-BLOCK_PACKAGE = """
-import os
-import sys
-from pathlib import Path
-
-repo = Path(os.environ["RETNET_TEST_REPO_ROOT"])
-assert not any(Path(p or ".").resolve() == repo for p in sys.path), sys.path
-sys.modules["retnet_hf"] = None
-try:
-    import retnet_hf  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("retnet_hf is importable in the child process; the trust_remote_code test would prove nothing")
-"""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +120,9 @@ def test_round_trip_keeps_the_dtype(tmp_path, dtype):
         )
     ids = sample_ids()
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        # transformers >= 5.24 may leave loaded weights unaligned in memory (views of the safetensors file), where
+        # BLAS takes another kernel: equal weights, float64 products that differ in the last bit
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-13)
         expected = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert torch.equal(loaded.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), expected)
 
@@ -974,13 +929,15 @@ def test_gradient_checkpointing_same_gradients(method, use_reentrant, tied):
     labels = ids.clone()
     labels[0, :3] = -100
 
-    calls = []  # layer.forward calls (module hooks do not fire in torch's non-reentrant recomputation)
+    # calls of each layer's retention (module hooks do not fire in torch's non-reentrant recomputation, and the
+    # checkpointed layer recomputes its class's forward, so the count is taken one module down)
+    calls = []
     for layer in model.model.layers:
-        def counted_forward(*args, _forward=layer.forward, **kwargs):
+        def counted_forward(*args, _forward=layer.retention.forward, **kwargs):
             calls.append(1)
             return _forward(*args, **kwargs)
 
-        layer.forward = counted_forward
+        layer.retention.forward = counted_forward
     loss, expected = parameter_grads(model, ids, labels)
     plain_calls = len(calls)
     assert plain_calls == 3
@@ -1001,7 +958,7 @@ def test_gradient_checkpointing_same_gradients(method, use_reentrant, tied):
         torch.testing.assert_close(grads[name], grad, atol=1e-10, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
     # a cache is not kept while checkpointing in training; generation still works after disabling it
-    assert model(ids, use_cache=True).past_key_values is None
+    assert cache_of(model(ids, use_cache=True)) is None
     getattr(model, method.replace("enable", "disable"))()
     assert not model.model.gradient_checkpointing
     model.eval()

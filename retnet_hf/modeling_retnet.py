@@ -479,7 +479,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RetNetDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
-    _keep_in_fp32_modules = ["retnet_rel_pos"]
+    _keep_in_fp32_modules_strict = ["retnet_rel_pos"]  # angles and decays stay float32 under bf16 and fp16
     _is_stateful = True
     _supports_cache_class = True
 

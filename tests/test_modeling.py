@@ -215,7 +215,7 @@ def test_half_precision_over_8k_tokens_stays_finite(dtype):
 
 
 def test_rotation_angles_survive_half_precision_loading(tmp_path):
-    """The rel-pos buffers stay float32 when a model is loaded in bf16 (_keep_in_fp32_modules)."""
+    """The rel-pos buffers stay float32 when a model is loaded in bf16 (_keep_in_fp32_modules_strict)."""
     tiny_model().save_pretrained(tmp_path)
     loaded = RetNetForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.model.retnet_rel_pos.angle.dtype == torch.float32

@@ -105,7 +105,7 @@ def test_causal_lm_round_trip_safetensors(tmp_path, tied):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
 def test_round_trip_keeps_the_dtype(tmp_path, dtype):
     """The weights come back in the dtype they were saved in; the rotation angles and decays stay at least float32
-    (`_keep_in_fp32_modules`), so the logits are those of the saved model."""
+    (`_keep_in_fp32_modules_strict`), so the logits are those of the saved model."""
     model = tiny_model(dtype)
     assert model.model.retnet_rel_pos.angle.dtype == torch.promote_types(dtype, torch.float32)
     model.save_pretrained(tmp_path)

@@ -25,6 +25,7 @@ from .modeling_retnet import (
     enable_activation_checkpointing,
 )
 
+
 __version__ = "0.1.0"
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)

@@ -85,16 +85,31 @@ def retnet_125m_config(**overrides) -> RetNetConfig:
 
 def retnet_base_config(**overrides) -> RetNetConfig:
     """torchscale's `retnet_base` preset (d 512, dv = f = 864, 6 layers, 2 heads), vocab 32000, untied: 51.8M."""
-    fields = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=864, decoder_ffn_embed_dim=864,
-                  decoder_layers=6, decoder_retention_heads=2, activation_fn="swish")
+    fields = dict(
+        vocab_size=32000,
+        decoder_embed_dim=512,
+        decoder_value_embed_dim=864,
+        decoder_ffn_embed_dim=864,
+        decoder_layers=6,
+        decoder_retention_heads=2,
+        activation_fn="swish",
+    )
     fields.update(overrides)
     return RetNetConfig(**fields)
 
 
 def retnet_tiny_config(**overrides) -> RetNetConfig:
     """A tiny RetNet for `--quick` runs: d 64, dv = f = 96, 2 layers, 2 heads, vocab 512, chunk 32."""
-    fields = dict(vocab_size=512, decoder_embed_dim=64, decoder_value_embed_dim=96, decoder_ffn_embed_dim=96,
-                  decoder_layers=2, decoder_retention_heads=2, activation_fn="swish", recurrent_chunk_size=32)
+    fields = dict(
+        vocab_size=512,
+        decoder_embed_dim=64,
+        decoder_value_embed_dim=96,
+        decoder_ffn_embed_dim=96,
+        decoder_layers=2,
+        decoder_retention_heads=2,
+        activation_fn="swish",
+        recurrent_chunk_size=32,
+    )
     fields.update(overrides)
     return RetNetConfig(**fields)
 
@@ -106,8 +121,9 @@ SIZES: Dict[str, Callable[..., RetNetConfig]] = {
 }
 
 
-def same_size_llama(retnet_config: RetNetConfig, head_dim: int = 64, multiple_of: int = 16, tolerance: float = 0.03,
-                    **overrides):
+def same_size_llama(
+    retnet_config: RetNetConfig, head_dim: int = 64, multiple_of: int = 16, tolerance: float = 0.03, **overrides
+):
     """A `LlamaConfig` with RetNet's vocabulary, width, depth and embedding tying, SDPA attention, full multi-head
     attention (as many KV heads as heads) of `head_dim` (or fewer when the width is smaller), and the MLP width
     (a multiple of `multiple_of` where that stays within `tolerance`) that brings its parameter count closest to
@@ -261,9 +277,7 @@ class PeakMemory:
         self.interval = interval
         self.peak_bytes = 0
         self.rss_peak_bytes = None
-        self.method = (
-            "CUDA max_memory_allocated" if self.device.type == "cuda" else "tensor bytes from torch.profiler"
-        )
+        self.method = "CUDA max_memory_allocated" if self.device.type == "cuda" else "tensor bytes from torch.profiler"
 
     @property
     def peak_mb(self) -> float:
@@ -307,8 +321,11 @@ class PeakMemory:
         self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
         self.rss_peak_bytes = max(0, self._rss_peak - self._rss_start)
         if exc[0] is None:
-            events = [event for event in self._profiler.profiler.kineto_results.events()
-                      if event.name() == "[memory]" and event.device_type() == torch._C._autograd.DeviceType.CPU]
+            events = [
+                event
+                for event in self._profiler.profiler.kineto_results.events()
+                if event.name() == "[memory]" and event.device_type() == torch._C._autograd.DeviceType.CPU
+            ]
             live = peak = 0
             for event in sorted(events, key=lambda event: event.start_ns()):
                 live += event.nbytes()
@@ -440,10 +457,13 @@ def decode_benchmark(
         prompt = torch.randint(0, retnet.config.vocab_size, (1, context), generator=generator).to(device)
         for name, model in models:
             needed = {
-                batch: (retnet_state_bytes(model.config, batch) if name == "RetNet"
-                        # the batch's cache, the batch-1 prefill and its copy, one layer's torch.cat per step
-                        else llama_kv_bytes(model.config, context + new_tokens, batch, element_size)
-                        * (1 + 2 / batch + 2 / model.config.num_hidden_layers))
+                batch: (
+                    retnet_state_bytes(model.config, batch)
+                    if name == "RetNet"
+                    # the batch's cache, the batch-1 prefill and its copy, one layer's torch.cat per step
+                    else llama_kv_bytes(model.config, context + new_tokens, batch, element_size)
+                    * (1 + 2 / batch + 2 / model.config.num_hidden_layers)
+                )
                 for batch in batch_sizes
             }
             limit = memory_fraction * available_memory_bytes(device)
@@ -471,33 +491,36 @@ def decode_benchmark(
                 seconds = {}
                 with torch.no_grad():
                     if "generate" in paths:
-                        seconds["generate"] = _generate_seconds_per_token(model, ids, fresh, new_tokens, repeats,
-                                                                          device)
+                        seconds["generate"] = _generate_seconds_per_token(
+                            model, ids, fresh, new_tokens, repeats, device
+                        )
                     if "step" in paths:
-                        seconds["step"] = _step_seconds_per_token(model, first.expand(batch, -1), fresh,
-                                                                  new_tokens, repeats, device)
+                        seconds["step"] = _step_seconds_per_token(
+                            model, first.expand(batch, -1), fresh, new_tokens, repeats, device
+                        )
                     # memory in a pass of its own, so that the sampling thread cannot disturb the timings
                     with PeakMemory(device) as peak:
                         _step_seconds_per_token(model, first.expand(batch, -1), fresh, new_tokens, 1, device)
                 cache_at_context = retnet_state_bytes(model.config, batch) if name == "RetNet" else held
-                ideal = (batch * bandwidth_gbs * 1e9 / (weight_bytes[name] + cache_at_context)
-                         if bandwidth_gbs else None)
+                ideal = batch * bandwidth_gbs * 1e9 / (weight_bytes[name] + cache_at_context) if bandwidth_gbs else None
                 for path, per_token in seconds.items():
                     tokens_per_second = batch / per_token if per_token > 0 else float("nan")
-                    rows.append({
-                        "model": name,
-                        "context": context,
-                        "batch": batch,
-                        "path": path,
-                        "ms/step": per_token * 1e3,
-                        "tokens/s": tokens_per_second,
-                        "ideal tokens/s": ideal,
-                        "% ceiling": 100 * tokens_per_second / ideal if ideal else None,
-                        "cache MB": cache_at_context / MB,
-                        "decode MB": (held + peak.peak_bytes) / MB,
-                        "prefill s": prefill_seconds,
-                        "skipped": None,
-                    })
+                    rows.append(
+                        {
+                            "model": name,
+                            "context": context,
+                            "batch": batch,
+                            "path": path,
+                            "ms/step": per_token * 1e3,
+                            "tokens/s": tokens_per_second,
+                            "ideal tokens/s": ideal,
+                            "% ceiling": 100 * tokens_per_second / ideal if ideal else None,
+                            "cache MB": cache_at_context / MB,
+                            "decode MB": (held + peak.peak_bytes) / MB,
+                            "prefill s": prefill_seconds,
+                            "skipped": None,
+                        }
+                    )
                 del cache, fresh
             del prefilled
             _release_freed_memory()
@@ -505,8 +528,13 @@ def decode_benchmark(
 
 
 def _skipped_row(name, context, batch, path, needed_bytes) -> dict:
-    return {"model": name, "context": context, "batch": batch, "path": path,
-            "skipped": f"needs ~{needed_bytes / GB:.1f} GiB"}
+    return {
+        "model": name,
+        "context": context,
+        "batch": batch,
+        "path": path,
+        "skipped": f"needs ~{needed_bytes / GB:.1f} GiB",
+    }
 
 
 class TimingStreamer:
@@ -535,8 +563,16 @@ def _generate_seconds_per_token(model, ids, fresh_cache, new_tokens, repeats, de
 
     def run():
         streamer = TimingStreamer()
-        model.generate(ids, attention_mask=mask, **{CACHE_NAME: fresh_cache()}, do_sample=False,
-                       min_new_tokens=steps, max_new_tokens=steps, pad_token_id=0, streamer=streamer)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            **{CACHE_NAME: fresh_cache()},
+            do_sample=False,
+            min_new_tokens=steps,
+            max_new_tokens=steps,
+            pad_token_id=0,
+            streamer=streamer,
+        )
         assert len(streamer.times) == steps, len(streamer.times)
         return (streamer.times[-1] - streamer.times[0]) / (steps - 1)
 
@@ -560,10 +596,15 @@ def _step_seconds_per_token(model, first, fresh_cache, new_tokens, repeats, devi
 
 def decode_summary(rows: List[dict]) -> List[str]:
     """The issue's decode goals, read off the rows where they were measured."""
+
     def value(model, context, batch, path, key="ms/step"):
         for row in rows:
-            if (row["model"], row["context"], row["batch"], row["path"]) == (model, context, batch, path) \
-                    and not row.get("skipped"):
+            if (row["model"], row["context"], row["batch"], row["path"]) == (
+                model,
+                context,
+                batch,
+                path,
+            ) and not row.get("skipped"):
                 return row[key]
         return None
 
@@ -576,23 +617,31 @@ def decode_summary(rows: List[dict]) -> List[str]:
             for path in paths:
                 first, last = value("RetNet", contexts[0], batch, path), value("RetNet", contexts[-1], batch, path)
                 if first and last:
-                    lines.append(f"RetNet {path} batch {batch}: per-token time at {contexts[-1]} is "
-                                 f"{last / first:.2f}x that at {contexts[0]} (goal: within 5%)")
+                    lines.append(
+                        f"RetNet {path} batch {batch}: per-token time at {contexts[-1]} is "
+                        f"{last / first:.2f}x that at {contexts[0]} (goal: within 5%)"
+                    )
     for context in contexts:
         for batch in batches:
             for path in paths:
-                ours, theirs = value("RetNet", context, batch, path, "tokens/s"), value("Llama", context, batch,
-                                                                                       path, "tokens/s")
+                ours, theirs = (
+                    value("RetNet", context, batch, path, "tokens/s"),
+                    value("Llama", context, batch, path, "tokens/s"),
+                )
                 if ours and theirs:
-                    lines.append(f"context {context} batch {batch} {path}: RetNet/Llama tokens/s = "
-                                 f"{ours / theirs:.2f}x" + (" (goal at 8k: >= 1.8x)" if context == 8192 else ""))
+                    lines.append(
+                        f"context {context} batch {batch} {path}: RetNet/Llama tokens/s = "
+                        f"{ours / theirs:.2f}x" + (" (goal at 8k: >= 1.8x)" if context == 8192 else "")
+                    )
     for model in ("RetNet", "Llama"):
         for context in contexts:
             for batch in batches:
                 step, generate = value(model, context, batch, "step"), value(model, context, batch, "generate")
                 if step and generate:
-                    lines.append(f"{model} context {context} batch {batch}: generate() per token is "
-                                 f"{100 * (generate / step - 1):+.0f}% vs the step loop (goal: within 15%)")
+                    lines.append(
+                        f"{model} context {context} batch {batch}: generate() per token is "
+                        f"{100 * (generate / step - 1):+.0f}% vs the step loop (goal: within 15%)"
+                    )
     return lines
 
 
@@ -650,8 +699,11 @@ def prefill_benchmark(
     variant, length and mode."""
     device = next(retnet.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    models = {"RetNet parallel": (retnet, "parallel"), "RetNet chunkwise": (retnet, "chunkwise"),
-              "Llama SDPA": (llama, None)}
+    models = {
+        "RetNet parallel": (retnet, "parallel"),
+        "RetNet chunkwise": (retnet, "chunkwise"),
+        "Llama SDPA": (llama, None),
+    }
     rows = []
 
     def run(model, form, ids, mode):
@@ -705,9 +757,16 @@ def prefill_benchmark(
                 peak_bytes = max(peak.peak_bytes for peak in peaks)
                 rss_bytes = None if peaks[0].rss_peak_bytes is None else max(peak.rss_peak_bytes for peak in peaks)
                 measured_peaks[(variant, mode)] = (length, peak_bytes)
-                rows.append({**row, "seconds": seconds, "tokens/s": batch_size * length / seconds,
-                             "peak MB": peak_bytes / MB, "skipped": None,
-                             "RSS MB": None if rss_bytes is None else rss_bytes / MB})
+                rows.append(
+                    {
+                        **row,
+                        "seconds": seconds,
+                        "tokens/s": batch_size * length / seconds,
+                        "peak MB": peak_bytes / MB,
+                        "skipped": None,
+                        "RSS MB": None if rss_bytes is None else rss_bytes / MB,
+                    }
+                )
         _release_freed_memory()
     return rows
 
@@ -718,8 +777,12 @@ def chunkwise_crossover(rows: List[dict], mode: str, chunk_size: int = 0) -> Opt
     the chunkwise form is the parallel form (one chunk), and any difference is noise."""
     seconds = {}
     for row in rows:
-        if row["mode"] == mode and not row.get("skipped") and row["variant"] in PREFILL_VARIANTS[:2] \
-                and row["length"] > chunk_size:
+        if (
+            row["mode"] == mode
+            and not row.get("skipped")
+            and row["variant"] in PREFILL_VARIANTS[:2]
+            and row["length"] > chunk_size
+        ):
             seconds.setdefault(row["length"], {})[row["variant"]] = row["seconds"]
     both = sorted(length for length, pair in seconds.items() if len(pair) == 2)
     crossover = None
@@ -743,21 +806,29 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
             longer = [length for length in measured if length > chunk_size]
             crossover = chunkwise_crossover(rows, mode, chunk_size)
             if crossover is not None:
-                lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is faster than parallel from {crossover} "
-                             "tokens on")
+                lines.append(
+                    f"{mode}: chunkwise (chunk {chunk_size}) is faster than parallel from {crossover} tokens on"
+                )
             elif longer:
-                lines.append(f"{mode}: chunkwise (chunk {chunk_size}) is not faster than parallel at the longest "
-                             f"length both ran ({longer[-1]})")
+                lines.append(
+                    f"{mode}: chunkwise (chunk {chunk_size}) is not faster than parallel at the longest "
+                    f"length both ran ({longer[-1]})"
+                )
             else:
                 lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
             if len(measured) < len(parallel):
                 lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
-        peak = {row["variant"]: row["peak MB"] for row in rows
-                if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")}
+        peak = {
+            row["variant"]: row["peak MB"]
+            for row in rows
+            if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")
+        }
         if "RetNet chunkwise" in peak and "Llama SDPA" in peak:
             ratio = peak["RetNet chunkwise"] / peak["Llama SDPA"]
-            lines.append(f"{mode} at {lengths[-1]} tokens: peak tensor memory RetNet chunkwise "
-                         f"{peak['RetNet chunkwise']:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)")
+            lines.append(
+                f"{mode} at {lengths[-1]} tokens: peak tensor memory RetNet chunkwise "
+                f"{peak['RetNet chunkwise']:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)"
+            )
     return lines
 
 
@@ -823,8 +894,10 @@ def torchscale_twin(model: RetNetForCausalLM) -> nn.Module:
     )
     args = TorchscaleConfig(**fields)
     decoder = RetNetDecoder(args, embed_tokens=nn.Embedding(config.vocab_size, config.decoder_embed_dim))
-    state = {("output_projection.weight" if key == "lm_head.weight" else key[len("model."):]): value
-             for key, value in model.state_dict().items()}
+    state = {
+        ("output_projection.weight" if key == "lm_head.weight" else key[len("model.") :]): value
+        for key, value in model.state_dict().items()
+    }
     decoder.load_state_dict(state, strict=True)
     parameter = next(model.parameters())
     return decoder.to(device=parameter.device, dtype=parameter.dtype).eval()
@@ -854,8 +927,7 @@ def torchscale_benchmark(
         log(f"torchscale: prompt of {length} tokens")
         with torch.no_grad():
             results = {}
-            ours_prefill = timed(lambda: results.update(ours=model(prompt, use_cache=True, logits_to_keep=1)),
-                                 device)
+            ours_prefill = timed(lambda: results.update(ours=model(prompt, use_cache=True, logits_to_keep=1)), device)
             state = {}
 
             def theirs_prompt():
@@ -869,22 +941,29 @@ def torchscale_benchmark(
             ours_steps, theirs_steps = [], []
             for _ in range(decode_steps):
                 sequence = torch.cat([sequence, token], dim=1)
-                ours_steps.append(timed(lambda: results.update(ours=model(token, **{CACHE_NAME: cache},
-                                                                          use_cache=True).logits[:, -1]), device))
-                theirs_steps.append(timed(lambda: results.update(
-                    theirs=decoder(sequence, incremental_state=state)[0][:, -1]), device))
+                ours_steps.append(
+                    timed(
+                        lambda: results.update(ours=model(token, **{CACHE_NAME: cache}, use_cache=True).logits[:, -1]),
+                        device,
+                    )
+                )
+                theirs_steps.append(
+                    timed(lambda: results.update(theirs=decoder(sequence, incremental_state=state)[0][:, -1]), device)
+                )
                 differences.append(_relative_difference(results["ours"], results["theirs"]))
                 token = results["ours"].argmax(-1, keepdim=True)
-        rows.append({
-            "prompt": length,
-            "batch": batch_size,
-            "ours prefill s": ours_prefill,
-            "torchscale prompt s": theirs_prefill,
-            "prefill speed-up": theirs_prefill / ours_prefill,
-            "ours ms/step": 1e3 * statistics.median(ours_steps) if ours_steps else None,
-            "torchscale ms/step": 1e3 * statistics.median(theirs_steps) if theirs_steps else None,
-            "max rel diff": max(differences),
-        })
+        rows.append(
+            {
+                "prompt": length,
+                "batch": batch_size,
+                "ours prefill s": ours_prefill,
+                "torchscale prompt s": theirs_prefill,
+                "prefill speed-up": theirs_prefill / ours_prefill,
+                "ours ms/step": 1e3 * statistics.median(ours_steps) if ours_steps else None,
+                "torchscale ms/step": 1e3 * statistics.median(theirs_steps) if theirs_steps else None,
+                "max rel diff": max(differences),
+            }
+        )
     return rows
 
 
@@ -898,6 +977,7 @@ def _relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     """A markdown table of `columns`; a skipped row shows its reason in the first empty column."""
+
     def cell(row, column):
         value = row.get(column)
         if value is None:
@@ -935,16 +1015,22 @@ def plot_decode(rows: List[dict], path: str, title: str = "") -> str:
     for model, colour in (("RetNet", "tab:blue"), ("Llama", "tab:red")):
         for batch, marker in zip(sorted({row["batch"] for row in rows}), "os^v"):
             for kind, style in (("step", "-"), ("generate", "--")):
-                points = sorted((row["context"], row["tokens/s"], row["decode MB"]) for row in rows
-                                if (row["model"], row["batch"], row["path"]) == (model, batch, kind))
+                points = sorted(
+                    (row["context"], row["tokens/s"], row["decode MB"])
+                    for row in rows
+                    if (row["model"], row["batch"], row["path"]) == (model, batch, kind)
+                )
                 if points:
                     x, y, m = zip(*points)
                     label = f"{model} b{batch} {kind}"
                     speed.plot(x, y, style, color=colour, marker=marker, label=label)
                     if kind == "step":
                         memory.plot(x, m, style, color=colour, marker=marker, label=f"{model} b{batch}")
-            ideal = sorted((row["context"], row["ideal tokens/s"]) for row in rows if row["ideal tokens/s"]
-                           and (row["model"], row["batch"], row["path"]) == (model, batch, "step"))
+            ideal = sorted(
+                (row["context"], row["ideal tokens/s"])
+                for row in rows
+                if row["ideal tokens/s"] and (row["model"], row["batch"], row["path"]) == (model, batch, "step")
+            )
             if ideal:
                 x, y = zip(*ideal)
                 speed.plot(x, y, ":", color=colour, alpha=0.5, label=f"{model} b{batch} ceiling")
@@ -965,8 +1051,11 @@ def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
     colours = dict(zip(PREFILL_VARIANTS, ("tab:orange", "tab:blue", "tab:red")))
     for column, mode in enumerate(modes):
         for variant in PREFILL_VARIANTS:
-            points = sorted((row["length"], row["seconds"], row["peak MB"]) for row in rows
-                            if row["mode"] == mode and row["variant"] == variant and not row.get("skipped"))
+            points = sorted(
+                (row["length"], row["seconds"], row["peak MB"])
+                for row in rows
+                if row["mode"] == mode and row["variant"] == variant and not row.get("skipped")
+            )
             if points:
                 x, t, m = zip(*points)
                 axes[0][column].plot(x, t, "-o", color=colours[variant], label=variant)
@@ -1010,19 +1099,32 @@ def parse_ints(text: str) -> List[int]:
 
 def add_common_arguments(parser, default_size: str = "125m") -> None:
     """Options every benchmark script takes: size, dtype, threads, bandwidth buffer, seed, output folder, quick."""
-    parser.add_argument("--size", choices=sorted(SIZES), default=default_size,
-                        help=f"model size: 125m (RetNet 124.4M and a Llama of the same size), base (torchscale's "
-                             f"retnet_base preset, 51.8M), tiny (0.16M, for --quick); default {default_size}")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="weights' dtype (RetNet's state stays float32); default float32")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=default_size,
+        help=f"model size: 125m (RetNet 124.4M and a Llama of the same size), base (torchscale's "
+        f"retnet_base preset, 51.8M), tiny (0.16M, for --quick); default {default_size}",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights' dtype (RetNet's state stays float32); default float32",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--bandwidth-mb", type=int, default=512,
-                        help="size of the tensor whose x.sum() measures the bandwidth (MiB); default 512")
+    parser.add_argument(
+        "--bandwidth-mb",
+        type=int,
+        default=512,
+        help="size of the tensor whose x.sum() measures the bandwidth (MiB); default 512",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results", help="folder for the PNG, the table (.md) and rows (.json)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and tiny settings (a smoke test; finishes in seconds)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model and tiny settings (a smoke test; finishes in seconds)"
+    )
 
 
 def prepare_run(args) -> dict:
@@ -1066,16 +1168,20 @@ def _log_axes(axis, xlabel: str, ylabel: str, fontsize: int = 7) -> None:
 
 def describe_models(retnet: nn.Module, llama: Optional[nn.Module] = None) -> str:
     config = retnet.config
-    text = (f"RetNet: d {config.decoder_embed_dim}, dv {config.decoder_value_embed_dim}, f "
-            f"{config.decoder_ffn_embed_dim}, {config.decoder_layers} layers, {config.decoder_retention_heads} heads,"
-            f" vocab {config.vocab_size}, chunk {config.recurrent_chunk_size}: {parameter_count(retnet):,} parameters,"
-            f" {next(retnet.parameters()).dtype}")
+    text = (
+        f"RetNet: d {config.decoder_embed_dim}, dv {config.decoder_value_embed_dim}, f "
+        f"{config.decoder_ffn_embed_dim}, {config.decoder_layers} layers, {config.decoder_retention_heads} heads,"
+        f" vocab {config.vocab_size}, chunk {config.recurrent_chunk_size}: {parameter_count(retnet):,} parameters,"
+        f" {next(retnet.parameters()).dtype}"
+    )
     if llama is not None:
         lc = llama.config
-        text += (f"\nLlama: d {lc.hidden_size}, intermediate {lc.intermediate_size}, {lc.num_hidden_layers} layers, "
-                 f"{lc.num_attention_heads} heads of {lc.head_dim}, attention {lc._attn_implementation}: "
-                 f"{parameter_count(llama):,} parameters "
-                 f"({100 * (parameter_count(llama) / parameter_count(retnet) - 1):+.2f}%)")
+        text += (
+            f"\nLlama: d {lc.hidden_size}, intermediate {lc.intermediate_size}, {lc.num_hidden_layers} layers, "
+            f"{lc.num_attention_heads} heads of {lc.head_dim}, attention {lc._attn_implementation}: "
+            f"{parameter_count(llama):,} parameters "
+            f"({100 * (parameter_count(llama) / parameter_count(retnet) - 1):+.2f}%)"
+        )
     return text
 
 

@@ -104,8 +104,13 @@ def cmd_generate(args) -> None:
         torch.manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                   pad_token_id=tokenizer.pad_token_id, **_sampling_kwargs(args))
+    model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        **_sampling_kwargs(args),
+    )
     seconds = time.perf_counter() - start
     print(f"[{streamer.tokens} tokens in {seconds:.2f} s, {streamer.tokens / seconds:.1f} tokens/s]", file=sys.stderr)
 
@@ -150,15 +155,21 @@ def cmd_chat(args) -> None:
         )
         seconds = time.perf_counter() - start
         history, cache = out.sequences, getattr(out, CACHE_NAME)
-        print(f"[{streamer.tokens / max(seconds, 1e-9):.1f} tokens/s, {history.shape[1]} tokens of context]",
-              file=sys.stderr)
+        print(
+            f"[{streamer.tokens / max(seconds, 1e-9):.1f} tokens/s, {history.shape[1]} tokens of context]",
+            file=sys.stderr,
+        )
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(texts=[args.text] if args.text else None, output_dir=args.output, max_seconds=args.max_seconds,
-             max_steps=args.max_steps)
+    run_demo(
+        texts=[args.text] if args.text else None,
+        output_dir=args.output,
+        max_seconds=args.max_seconds,
+        max_steps=args.max_steps,
+    )
 
 
 def cmd_convert(args) -> None:
@@ -166,12 +177,15 @@ def cmd_convert(args) -> None:
     from .conversion import ConversionError, convert_checkpoint
 
     try:
-        out = convert_checkpoint(args.source_format, args.src, args.out, config_json=args.config,
-                                 max_shard_size=args.max_shard_size)
+        out = convert_checkpoint(
+            args.source_format, args.src, args.out, config_json=args.config, max_shard_size=args.max_shard_size
+        )
     except ConversionError as error:
         raise UsageError(str(error)) from error
-    print(f"converted {args.source_format} checkpoint {args.src} -> {out} "
-          "(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    print(
+        f"converted {args.source_format} checkpoint {args.src} -> {out} "
+        "(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
+    )
 
 
 def cmd_sft(args) -> None:
@@ -206,8 +220,10 @@ def cmd_sft(args) -> None:
     )
     what = "merged model" if result.merged else "LoRA adapter"
     loss = f"{result.train_loss:.3f}" if result.train_loss is not None else "n/a"
-    print(f"fine-tuned ({method}) {result.steps} steps in {result.seconds:.0f} s, last training loss {loss}; "
-          f"{what} saved to {result.output_dir} (loss curve: loss.png)")
+    print(
+        f"fine-tuned ({method}) {result.steps} steps in {result.seconds:.0f} s, last training loss {loss}; "
+        f"{what} saved to {result.output_dir} (loss curve: loss.png)"
+    )
 
 
 def cmd_push(args) -> None:
@@ -217,14 +233,25 @@ def cmd_push(args) -> None:
     if args.dry_run:
         operations = plan_upload(args.folder)
         for operation in operations:
-            print(f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
-                  f"{operation.path_in_repo}")
+            print(
+                f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
+                f"{operation.path_in_repo}"
+            )
         total = sum(operation.upload_info.size for operation in operations)
-        print(f"{args.folder} is complete: {len(operations)} files, {total:,} bytes would go to {args.repo_id} "
-              "(dry run: nothing was uploaded)")
+        print(
+            f"{args.folder} is complete: {len(operations)} files, {total:,} bytes would go to {args.repo_id} "
+            "(dry run: nothing was uploaded)"
+        )
         return
-    info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                       commit_message=args.commit_message, token=args.token, create_pr=args.create_pr)
+    info = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+        create_pr=args.create_pr,
+    )
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
 
@@ -261,13 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-steps", type=_positive_int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
-    train.add_argument("--fsdp", action="store_true",
-                       help="shard weights, gradients and optimizer state across the processes of `torchrun` / "
-                            "`accelerate launch` (FSDP, a decoder layer per unit); without it they train data-parallel")
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state across the processes of `torchrun` / "
+        "`accelerate launch` (FSDP, a decoder layer per unit); without it they train data-parallel",
+    )
     train.set_defaults(func=cmd_train)
 
-    for name, help_text in (("generate", "continue a prompt, streaming tokens"),
-                            ("chat", "chat through stdin; the recurrent state carries the conversation")):
+    for name, help_text in (
+        ("generate", "continue a prompt, streaming tokens"),
+        ("chat", "chat through stdin; the recurrent state carries the conversation"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("model", help="a model folder")
         if name == "generate":
@@ -283,10 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft = commands.add_parser("sft", help="fine-tune a model folder on guanaco-style chat data (LoRA, QLoRA, full)")
     sft.add_argument("model", help="a model folder (with its tokenizer)")
     sft.add_argument("--output", required=True, help="folder for checkpoints and the adapter or merged model")
-    sft.add_argument("--data", default="timdettmers/openassistant-guanaco",
-                     help="a Hub data set id or a local .jsonl/.json/.parquet/.csv with '### Human: ... ### "
-                          "Assistant: ...' or '<s>[INST] ... [/INST] ... </s>' rows (default "
-                          "timdettmers/openassistant-guanaco)")
+    sft.add_argument(
+        "--data",
+        default="timdettmers/openassistant-guanaco",
+        help="a Hub data set id or a local .jsonl/.json/.parquet/.csv with '### Human: ... ### "
+        "Assistant: ...' or '<s>[INST] ... [/INST] ... </s>' rows (default "
+        "timdettmers/openassistant-guanaco)",
+    )
     sft.add_argument("--text-column", default="text", help="the data's text column (default text)")
     kind = sft.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", help="LoRA on a float base model (the default)")
@@ -296,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--alpha", type=_positive_int, help="LoRA alpha (default 2 x rank)")
     sft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, cosine schedule (default 2e-4)")
     sft.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (default 512)")
-    sft.add_argument("--packing", action="store_true",
-                     help="pack documents into padding-free rows (the state resets at each document)")
+    sft.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack documents into padding-free rows (the state resets at each document)",
+    )
     sft.add_argument("--completion-only", action="store_true", help="loss on the last answer of each row only")
     sft.add_argument("--gradient-checkpointing", action="store_true")
     steps = sft.add_mutually_exclusive_group()
@@ -314,12 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     sft.set_defaults(func=cmd_sft)
 
     convert = commands.add_parser("convert", help="convert a torchscale, syncdoth or fla RetNet checkpoint")
-    convert.add_argument("--from", dest="source_format", required=True, choices=["torchscale", "syncdoth", "fla"],
-                         help="the source's format")
+    convert.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=["torchscale", "syncdoth", "fla"],
+        help="the source's format",
+    )
     convert.add_argument("src", help="a checkpoint file or folder, or a Hub id")
     convert.add_argument("out", help="the folder to write (must not exist)")
-    convert.add_argument("--config", help="a JSON file of source config fields (needed for a bare torchscale "
-                                          "state dict; overrides what the source holds)")
+    convert.add_argument(
+        "--config",
+        help="a JSON file of source config fields (needed for a bare torchscale "
+        "state dict; overrides what the source holds)",
+    )
     convert.add_argument("--max-shard-size", default="2GB", help="largest output weight file (default 2GB)")
     convert.set_defaults(func=cmd_convert)
 
@@ -331,8 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="the commit's title")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     push.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or the saved login)")
-    push.add_argument("--dry-run", action="store_true",
-                      help="check the folder and list the files, sizes and sha256 that would be uploaded")
+    push.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the folder and list the files, sizes and sha256 that would be uploaded",
+    )
     push.set_defaults(func=cmd_push)
     return parser
 

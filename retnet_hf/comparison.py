@@ -65,12 +65,16 @@ class Comparison:
 
     def table(self) -> str:
         """A markdown table: model, parameters, learning rate, final and lowest validation loss, best lr marked."""
-        lines = ["| model | params | lr | final val loss | lowest val loss | best lr |",
-                 "|---|---:|---:|---:|---:|:---:|"]
+        lines = [
+            "| model | params | lr | final val loss | lowest val loss | best lr |",
+            "|---|---:|---:|---:|---:|:---:|",
+        ]
         for run in self.runs:
             mark = "*" if run is self.best(run.model) else ""
-            lines.append(f"| {run.model} | {run.parameters:,} | {run.learning_rate:g} | {run.final_loss:.4f} | "
-                         f"{min(run.eval_losses):.4f} | {mark} |")
+            lines.append(
+                f"| {run.model} | {run.parameters:,} | {run.learning_rate:g} | {run.final_loss:.4f} | "
+                f"{min(run.eval_losses):.4f} | {mark} |"
+            )
         return "\n".join(lines)
 
 
@@ -79,9 +83,15 @@ def retnet_model(s: ComparisonSettings, vocab: int, tokenizer):
     from .modeling_retnet import RetNetForCausalLM
 
     config = RetNetConfig(
-        vocab_size=vocab, decoder_embed_dim=s.d_model, decoder_value_embed_dim=2 * s.d_model,
-        decoder_ffn_embed_dim=2 * s.d_model, decoder_layers=s.layers, decoder_retention_heads=s.retnet_heads,
-        activation_fn="swish", pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=vocab,
+        decoder_embed_dim=s.d_model,
+        decoder_value_embed_dim=2 * s.d_model,
+        decoder_ffn_embed_dim=2 * s.d_model,
+        decoder_layers=s.layers,
+        decoder_retention_heads=s.retnet_heads,
+        activation_fn="swish",
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     return RetNetForCausalLM(config)
@@ -91,10 +101,20 @@ def llama_config(s: ComparisonSettings, vocab: int, tokenizer, intermediate_size
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=s.d_model, intermediate_size=intermediate_size, num_hidden_layers=s.layers,
-        num_attention_heads=s.llama_heads, num_key_value_heads=s.llama_heads, max_position_embeddings=s.block_size,
-        tie_word_embeddings=False, hidden_act="silu", rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attention_bias=False,
+        vocab_size=vocab,
+        hidden_size=s.d_model,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.llama_heads,
+        num_key_value_heads=s.llama_heads,
+        max_position_embeddings=s.block_size,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attention_bias=False,
         mlp_bias=False,
     )
 
@@ -147,8 +167,9 @@ def train_one(name: str, model, s: ComparisonSettings, lr: float, train_set, eva
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=default_data_collator
+    )
     start = time.monotonic()
     evaluation0 = trainer.evaluate()  # step 0: the untrained model
     trainer.train()
@@ -170,8 +191,13 @@ def plot_curves(comparison: Comparison, path: Path) -> None:
     lrs = sorted({r.learning_rate for r in comparison.runs})
     for run in comparison.runs:
         style = "-" if run.model == "RetNet" else "--"
-        ax.plot(run.eval_steps, run.eval_losses, style, color=colours[lrs.index(run.learning_rate) % len(colours)],
-                label=f"{run.model} ({run.parameters / 1e6:.2f}M), lr {run.learning_rate:g}")
+        ax.plot(
+            run.eval_steps,
+            run.eval_losses,
+            style,
+            color=colours[lrs.index(run.learning_rate) % len(colours)],
+            label=f"{run.model} ({run.parameters / 1e6:.2f}M), lr {run.learning_rate:g}",
+        )
     ax.axhline(math.log(comparison.vocab_size), color="grey", lw=0.8, ls=":", label="uniform, ln(vocab)")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
@@ -202,32 +228,41 @@ def compare(s: ComparisonSettings, log=print) -> Comparison:
     n_eval = min(s.eval_blocks, max(1, len(blocks) // 10))
     eval_set, train_set = blocks.select(range(n_eval)), blocks.select(range(n_eval, len(blocks)))
     comparison = Comparison(s, vocab, len(train_set))
-    log(f"data: {text} -> {len(train_set)} training and {n_eval} validation blocks of {s.block_size} tokens; "
+    log(
+        f"data: {text} -> {len(train_set)} training and {n_eval} validation blocks of {s.block_size} tokens; "
         f"byte-level BPE vocabulary {vocab}; {s.steps} steps x batch {s.batch_size} = "
-        f"{s.steps * s.batch_size / len(train_set):.2f} epochs")
+        f"{s.steps * s.batch_size / len(train_set):.2f} epochs"
+    )
 
     torch.manual_seed(s.seed)
     target = retnet_model(s, vocab, tokenizer).num_parameters()
     llama_params = llama_model(s, vocab, tokenizer, target).num_parameters()
-    log(f"parameters: RetNet {target:,}, Llama {llama_params:,} ({100 * (llama_params / target - 1):+.2f}%); "
-        f"Llama MLP width {llama_width_for(target, s, vocab, tokenizer)}")
+    log(
+        f"parameters: RetNet {target:,}, Llama {llama_params:,} ({100 * (llama_params / target - 1):+.2f}%); "
+        f"Llama MLP width {llama_width_for(target, s, vocab, tokenizer)}"
+    )
     for lr in s.learning_rates:
         for name in ("RetNet", "Llama"):
             torch.manual_seed(s.seed)
-            model = (retnet_model(s, vocab, tokenizer) if name == "RetNet"
-                     else llama_model(s, vocab, tokenizer, target))
+            model = retnet_model(s, vocab, tokenizer) if name == "RetNet" else llama_model(s, vocab, tokenizer, target)
             run = train_one(name, model, s, lr, train_set, eval_set, out / "trainer")
             comparison.runs.append(run)
-            log(f"{name:6s} lr {lr:g}: val loss {run.eval_losses[0]:.3f} -> {run.final_loss:.3f} "
-                f"in {run.seconds:.0f} s")
+            log(
+                f"{name:6s} lr {lr:g}: val loss {run.eval_losses[0]:.3f} -> {run.final_loss:.3f} in {run.seconds:.0f} s"
+            )
     comparison.runs.sort(key=lambda r: (r.model != "RetNet", r.learning_rate))
-    (out / "results.json").write_text(json.dumps({
-        "settings": {**asdict(s), "learning_rates": list(s.learning_rates)},
-        "vocab_size": vocab,
-        "train_blocks": comparison.train_blocks,
-        "eval_blocks": n_eval,
-        "runs": [asdict(r) | {"final_loss": r.final_loss} for r in comparison.runs],
-    }, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "settings": {**asdict(s), "learning_rates": list(s.learning_rates)},
+                "vocab_size": vocab,
+                "train_blocks": comparison.train_blocks,
+                "eval_blocks": n_eval,
+                "runs": [asdict(r) | {"final_loss": r.final_loss} for r in comparison.runs],
+            },
+            indent=2,
+        )
+    )
     (out / "table.md").write_text(comparison.table() + "\n")
     plot_curves(comparison, out / "curves.png")
     return comparison

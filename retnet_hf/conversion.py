@@ -228,8 +228,16 @@ def _read_json(path: Path) -> Dict:
 class _Plan:
     """What a conversion needs: the output config, the source shards, and how source keys map to ours."""
 
-    def __init__(self, config: RetNetConfig, shards: List[_Shard], rename: Callable[[str], Optional[str]],
-                 source_name: Callable[[str], str], folder: Optional[Path], generation: Dict, split=None):
+    def __init__(
+        self,
+        config: RetNetConfig,
+        shards: List[_Shard],
+        rename: Callable[[str], Optional[str]],
+        source_name: Callable[[str], str],
+        folder: Optional[Path],
+        generation: Dict,
+        split=None,
+    ):
         self.config = config
         self.shards = shards
         self.rename = rename  # source key -> our key (None: not a key of this format)
@@ -247,8 +255,9 @@ def _make_config(fields: Dict, what: str) -> RetNetConfig:
 
 
 def _special_ids(fields: Dict) -> Dict:
-    return {name: fields[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if fields.get(name) is not None}
+    return {
+        name: fields[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id") if fields.get(name) is not None
+    }
 
 
 def _torchscale_model_fields(fields: Dict, defaults: Dict, what: str) -> Dict:
@@ -309,18 +318,19 @@ def _plan_torchscale(src: Path, config_fields: Dict) -> _Plan:
         fields["vocab_size"] = embed[0][0]
     if fields.get("vocab_size") in (None, -1):
         raise ConversionError(f"{src}: vocab_size is unknown (no embed_tokens.weight); give it in the config.")
-    model_fields = _torchscale_model_fields(fields, dict(TORCHSCALE_DEFAULTS, vocab_size=fields["vocab_size"]),
-                                            str(src))
+    model_fields = _torchscale_model_fields(
+        fields, dict(TORCHSCALE_DEFAULTS, vocab_size=fields["vocab_size"]), str(src)
+    )
     config = _make_config(model_fields, str(src))
 
     def rename(key):
         if not key.startswith(prefix):
             return None
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
         return "lm_head.weight" if key == "output_projection.weight" else "model." + key
 
     def source_name(key):
-        return prefix + ("output_projection.weight" if key == "lm_head.weight" else key[len("model."):])
+        return prefix + ("output_projection.weight" if key == "lm_head.weight" else key[len("model.") :])
 
     return _Plan(config, [shard], rename, source_name, None, _special_ids(fields))
 
@@ -331,8 +341,9 @@ def _plan_syncdoth(src: Path, config_fields: Dict) -> _Plan:
     if not fields:
         raise ConversionError(f"{src}: no config.json; give the config as a JSON file (--config).")
     config = _make_config(_torchscale_model_fields(fields, SYNCDOTH_DEFAULTS, str(src)), str(src))
-    return _Plan(config, [_Shard(p) for p in _weight_files(src)], lambda key: key, lambda key: key, src,
-                 _special_ids(fields))
+    return _Plan(
+        config, [_Shard(p) for p in _weight_files(src)], lambda key: key, lambda key: key, src, _special_ids(fields)
+    )
 
 
 _FLA_LAYER_KEYS = {
@@ -374,8 +385,11 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
     if fields.get("model_type", "retnet") != "retnet":
         raise ConversionError(f"{what}: model_type={fields.get('model_type')!r}, expected fla's 'retnet'.")
     # fla's early (2024) configs spell some fields as Llama does: num_attention_heads, rms_norm_eps, ...
-    for name, old_name in (("num_heads", "num_attention_heads"), ("norm_eps", "rms_norm_eps"),
-                           ("num_kv_heads", "num_key_value_heads")):
+    for name, old_name in (
+        ("num_heads", "num_attention_heads"),
+        ("norm_eps", "rms_norm_eps"),
+        ("num_kv_heads", "num_key_value_heads"),
+    ):
         if fields.get(name) is None and fields.get(old_name) is not None:
             fields[name] = fields[old_name]
     hidden = fields.get("hidden_size", 2048)
@@ -502,8 +516,10 @@ def _check_keys(plan: _Plan, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, 
                 part = shape if rows is None else (len(range(shape[0])[rows]),) + tuple(shape[1:])
                 seen[ours] = part
                 if rows is not None and shape[0] != 2 * expected[ours][0]:
-                    misshaped.append(f"{key}: {list(shape)} in the source, [2 x {expected[ours][0]}, "
-                                     f"{', '.join(map(str, expected[ours][1:]))}] expected (fused)")
+                    misshaped.append(
+                        f"{key}: {list(shape)} in the source, [2 x {expected[ours][0]}, "
+                        f"{', '.join(map(str, expected[ours][1:]))}] expected (fused)"
+                    )
                     break
                 if part != expected[ours]:
                     misshaped.append(f"{key}: {list(shape)} in the source, {list(expected[ours])} expected")
@@ -751,8 +767,11 @@ def _write_card(folder: Path, source_format: str, src, plan: _Plan, model_name: 
         return
     local = Path(str(src)).expanduser().exists()
     where = f"`{src}`" if local else f"[`{src}`](https://huggingface.co/{src})"
-    names = {"torchscale": "a torchscale/fairseq", "syncdoth": "a syncdoth/RetNet-format",
-             "fla": "a flash-linear-attention"}
+    names = {
+        "torchscale": "a torchscale/fairseq",
+        "syncdoth": "a syncdoth/RetNet-format",
+        "fla": "a flash-linear-attention",
+    }
     license_name = _source_license(plan.folder)
     source = (
         f"Converted with `retnet-hf convert --from {source_format}` from {names[source_format]} RetNet checkpoint, "

@@ -28,7 +28,6 @@ from .modeling_retnet import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enab
 from .pretraining import UsageError, plot_loss_curve, save_tokenizer
 
 
-
 DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
@@ -66,7 +65,9 @@ def to_guanaco(text: str) -> str:
         return llama2_to_guanaco(text)
     if HUMAN in text and ASSISTANT in text:
         return text
-    raise ValueError(f"row is neither '### Human: ... ### Assistant: ...' nor '<s>[INST] ... [/INST] ...': {text[:80]!r}")
+    raise ValueError(
+        f"row is neither '### Human: ... ### Assistant: ...' nor '<s>[INST] ... [/INST] ...': {text[:80]!r}"
+    )
 
 
 def split_prompt_completion(text: str):
@@ -99,8 +100,9 @@ def set_chat_template(tokenizer):
     return tokenizer
 
 
-def load_guanaco(source: str = DEFAULT_DATASET, text_column: str = "text", completion_only: bool = False,
-                 limit: Optional[int] = None):
+def load_guanaco(
+    source: str = DEFAULT_DATASET, text_column: str = "text", completion_only: bool = False, limit: Optional[int] = None
+):
     """A `datasets.Dataset` of guanaco-form chat rows from a Hub id or a local jsonl/json/parquet/csv file.
 
     Columns: `text`, or `prompt` and `completion` with `completion_only=True` (the last answer is the completion,
@@ -167,13 +169,23 @@ def prepare_for_kbit(model, gradient_checkpointing: bool = True):
     return model
 
 
-def lora_config(rank: int = 16, alpha: Optional[int] = None, dropout: float = 0.05,
-                target_modules: Sequence[str] = tuple(LORA_TARGET_MODULES)):
+def lora_config(
+    rank: int = 16,
+    alpha: Optional[int] = None,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = tuple(LORA_TARGET_MODULES),
+):
     from peft import LoraConfig
 
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_model(folder: str, method: str = "lora", dtype: Optional[torch.dtype] = None):
@@ -184,7 +196,9 @@ def load_model(folder: str, method: str = "lora", dtype: Optional[torch.dtype] =
     if method == "qlora":
         compute = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
     elif method == "lora8":

@@ -12,6 +12,7 @@ from typing import List, Optional, Union
 from .model_card import check_folder
 from .pretraining import UsageError
 
+
 # Never uploaded: a training run's checkpoints (optimizer states, often several times the model) and Python caches.
 # Patterns are huggingface_hub's (fnmatch on the path relative to the folder; `*` also matches `/`).
 UPLOAD_IGNORE_PATTERNS = [
@@ -119,8 +120,9 @@ def push_folder(
             ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
         )
     except Exception as error:  # offline mode, no or bad token, network errors, the Hub refusing the commit
-        raise UsageError(f"cannot upload {folder} to {repo_id} ({step} on {api.endpoint}): {_describe(error)}") \
-            from error
+        raise UsageError(
+            f"cannot upload {folder} to {repo_id} ({step} on {api.endpoint}): {_describe(error)}"
+        ) from error
 
 
 def _describe(error: Exception) -> str:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+
 TEMPLATE_PACKAGE = "retnet_hf.model_cards"
 TEMPLATE_NAME = "retnet.md"
 TAGS = ["retnet", "retnet_hf", "retention", "custom_code"]

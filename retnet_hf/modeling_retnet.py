@@ -60,7 +60,9 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 # transformers 5.24 also renamed gradient checkpointing to activation checkpointing (`model.<name>_enable`,
 # `TrainingArguments(<name>=...)`); `ACTIVATION_CHECKPOINTING` is the running version's name.
 ACTIVATION_CHECKPOINTING = (
-    "activation_checkpointing" if hasattr(PreTrainedModel, "activation_checkpointing_enable") else "gradient_checkpointing"
+    "activation_checkpointing"
+    if hasattr(PreTrainedModel, "activation_checkpointing_enable")
+    else "gradient_checkpointing"
 )
 
 
@@ -275,8 +277,13 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(dv, d, bias=False)
         # torchscale's init (read by `_init_weights`): xavier_uniform with these gains, deepnorm's scaling included
         deepnorm_gain = deepnorm_init_gain(config)
-        for proj, gain in ((self.q_proj, 2**-2.5), (self.k_proj, 2**-2.5), (self.g_proj, 2**-2.5),
-                           (self.v_proj, 2**-2.5 * deepnorm_gain), (self.out_proj, 2**-1 * deepnorm_gain)):
+        for proj, gain in (
+            (self.q_proj, 2**-2.5),
+            (self.k_proj, 2**-2.5),
+            (self.g_proj, 2**-2.5),
+            (self.v_proj, 2**-2.5 * deepnorm_gain),
+            (self.out_proj, 2**-1 * deepnorm_gain),
+        ):
             proj.xavier_gain = gain
         self.group_norm = RetNetRMSNorm(
             self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=config.group_norm_affine
@@ -293,8 +300,12 @@ class MultiScaleRetention(nn.Module):
         resets: Optional[torch.Tensor] = None,
         with_state: bool = True,
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-        projections = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-                       self.g_proj(hidden_states))
+        projections = (
+            self.q_proj(hidden_states),
+            self.k_proj(hidden_states),
+            self.v_proj(hidden_states),
+            self.g_proj(hidden_states),
+        )
         # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates
         out, state = recompute_in_backward(
             self.retain, *projections, rotation, log_decay, form, state, valid, resets, with_state

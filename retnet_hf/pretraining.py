@@ -18,20 +18,55 @@ from .modeling_retnet import RetNetForCausalLM
 
 # Sizes: the paper's training presets (torchscale's fairseq example, key head dim 256) and small ones for CPUs.
 PRESETS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(decoder_embed_dim=128, decoder_value_embed_dim=256, decoder_ffn_embed_dim=256,
-                 decoder_layers=2, decoder_retention_heads=2),
-    "small": dict(decoder_embed_dim=256, decoder_value_embed_dim=512, decoder_ffn_embed_dim=512,
-                  decoder_layers=4, decoder_retention_heads=2),
-    "retnet_base": dict(decoder_embed_dim=512, decoder_value_embed_dim=864, decoder_ffn_embed_dim=864,
-                        decoder_layers=6, decoder_retention_heads=2),
-    "retnet_medium": dict(decoder_embed_dim=1024, decoder_value_embed_dim=1728, decoder_ffn_embed_dim=1728,
-                          decoder_layers=16, decoder_retention_heads=4),
-    "retnet_xl": dict(decoder_embed_dim=2048, decoder_value_embed_dim=3456, decoder_ffn_embed_dim=3456,
-                      decoder_layers=24, decoder_retention_heads=8),
-    "retnet_3b": dict(decoder_embed_dim=2560, decoder_value_embed_dim=4280, decoder_ffn_embed_dim=4280,
-                      decoder_layers=32, decoder_retention_heads=10),
-    "retnet_7b": dict(decoder_embed_dim=4096, decoder_value_embed_dim=6912, decoder_ffn_embed_dim=6912,
-                      decoder_layers=32, decoder_retention_heads=16),
+    "tiny": dict(
+        decoder_embed_dim=128,
+        decoder_value_embed_dim=256,
+        decoder_ffn_embed_dim=256,
+        decoder_layers=2,
+        decoder_retention_heads=2,
+    ),
+    "small": dict(
+        decoder_embed_dim=256,
+        decoder_value_embed_dim=512,
+        decoder_ffn_embed_dim=512,
+        decoder_layers=4,
+        decoder_retention_heads=2,
+    ),
+    "retnet_base": dict(
+        decoder_embed_dim=512,
+        decoder_value_embed_dim=864,
+        decoder_ffn_embed_dim=864,
+        decoder_layers=6,
+        decoder_retention_heads=2,
+    ),
+    "retnet_medium": dict(
+        decoder_embed_dim=1024,
+        decoder_value_embed_dim=1728,
+        decoder_ffn_embed_dim=1728,
+        decoder_layers=16,
+        decoder_retention_heads=4,
+    ),
+    "retnet_xl": dict(
+        decoder_embed_dim=2048,
+        decoder_value_embed_dim=3456,
+        decoder_ffn_embed_dim=3456,
+        decoder_layers=24,
+        decoder_retention_heads=8,
+    ),
+    "retnet_3b": dict(
+        decoder_embed_dim=2560,
+        decoder_value_embed_dim=4280,
+        decoder_ffn_embed_dim=4280,
+        decoder_layers=32,
+        decoder_retention_heads=10,
+    ),
+    "retnet_7b": dict(
+        decoder_embed_dim=4096,
+        decoder_value_embed_dim=6912,
+        decoder_ffn_embed_dim=6912,
+        decoder_layers=32,
+        decoder_retention_heads=16,
+    ),
 }
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -61,8 +96,15 @@ def load_texts(sources: Sequence[str], text_column: str = "text"):
     """
     from datasets import concatenate_datasets, load_dataset
 
-    builders = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
-                ".parquet": "parquet", ".csv": "csv"}
+    builders = {
+        ".txt": "text",
+        ".md": "text",
+        ".py": "text",
+        ".jsonl": "json",
+        ".json": "json",
+        ".parquet": "parquet",
+        ".csv": "csv",
+    }
     parts = []
     for source in sources:
         path = Path(source)
@@ -257,20 +299,22 @@ def pretrain(
         # deprecated spelling): full sharding, one RetNetDecoderLayer per wrap unit
         fsdp=fsdp,
         fsdp_config={"transformer_layer_cls_to_wrap": ["RetNetDecoderLayer"], "reshard_after_forward": True}
-        if fsdp else None,
+        if fsdp
+        else None,
     )
     if fsdp and args.use_cpu:
         # accelerate (1.15) turns FSDP on only for multi-GPU/accelerator runs; on CPU processes it would drop the
         # plugin without a word and train data-parallel, so say so instead
-        raise UsageError("--fsdp needs GPUs (or other accelerators): accelerate applies FSDP only to multi-device "
-                         "runs, not to CPU processes; without --fsdp the processes train data-parallel (DDP)")
+        raise UsageError(
+            "--fsdp needs GPUs (or other accelerators): accelerate applies FSDP only to multi-device "
+            "runs, not to CPU processes; without --fsdp the processes train data-parallel (DDP)"
+        )
     with args.main_process_first(local=False, desc="tokenizer and data"):  # the others wait, then reuse its work
         data = load_texts(texts, text_column)
         if tokenizer is None and model is not None and (Path(model) / "tokenizer.json").exists():
             tokenizer = model
         trained_tokenizer = checkpoints / "tokenizer"  # kept so that a resumed run uses the same one
-        if (tokenizer is None and (resume or args.process_index > 0)
-                and (trained_tokenizer / "tokenizer.json").exists()):
+        if tokenizer is None and (resume or args.process_index > 0) and (trained_tokenizer / "tokenizer.json").exists():
             tokenizer = str(trained_tokenizer)
         if tokenizer is not None:
             tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)

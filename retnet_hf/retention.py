@@ -144,8 +144,16 @@ def chunkwise_retention(
     outputs = []
     for index in range(len(q)):
         out, state = parallel_retention(
-            q[index], k[index], v[index], log_decay, state, valid[index], resets[index], normalize,
-            with_state or index < len(q) - 1, decay,
+            q[index],
+            k[index],
+            v[index],
+            log_decay,
+            state,
+            valid[index],
+            resets[index],
+            normalize,
+            with_state or index < len(q) - 1,
+            decay,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state

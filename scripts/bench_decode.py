@@ -20,15 +20,30 @@ import sys
 from retnet_hf import benchmarking as bench
 
 
-COLUMNS = ["model", "context", "batch", "path", "ms/step", "tokens/s", "ideal tokens/s", "% ceiling", "cache MB",
-           "decode MB", "prefill s"]
+COLUMNS = [
+    "model",
+    "context",
+    "batch",
+    "path",
+    "ms/step",
+    "tokens/s",
+    "ideal tokens/s",
+    "% ceiling",
+    "cache MB",
+    "decode MB",
+    "prefill s",
+]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_common_arguments(parser)
-    parser.add_argument("--contexts", type=bench.parse_ints, default=None,
-                        help="context lengths, e.g. '512,2k,8k,16k' (default; 32k if memory allows is opt-in)")
+    parser.add_argument(
+        "--contexts",
+        type=bench.parse_ints,
+        default=None,
+        help="context lengths, e.g. '512,2k,8k,16k' (default; 32k if memory allows is opt-in)",
+    )
     parser.add_argument("--batch-sizes", type=bench.parse_ints, default=None, help="default '1,8'")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode steps timed per point; default 16")
     parser.add_argument("--repeats", type=int, default=1, help="median over this many timings; default 1")
@@ -50,19 +65,31 @@ def main(argv=None) -> int:
     run = bench.prepare_run(args)
     retnet_config = bench.SIZES[args.size]()
     retnet, llama = bench.build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
-    settings = (f"settings: size {args.size}, {args.dtype}, contexts {args.contexts}, batch sizes {args.batch_sizes}, "
-                f"{args.new_tokens} new tokens, {args.repeats} repeat(s), paths {args.paths}")
+    settings = (
+        f"settings: size {args.size}, {args.dtype}, contexts {args.contexts}, batch sizes {args.batch_sizes}, "
+        f"{args.new_tokens} new tokens, {args.repeats} repeat(s), paths {args.paths}"
+    )
     print(run["header"], bench.describe_models(retnet, llama), settings, sep="\n", flush=True)
     rows = bench.decode_benchmark(
-        retnet, llama, args.contexts, args.batch_sizes, args.new_tokens, args.repeats, run["bandwidth"], args.paths,
-        seed=args.seed, log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
+        retnet,
+        llama,
+        args.contexts,
+        args.batch_sizes,
+        args.new_tokens,
+        args.repeats,
+        run["bandwidth"],
+        args.paths,
+        seed=args.seed,
+        log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
     )
     table = bench.format_table(rows, COLUMNS)
     summary = "\n".join(f"- {line}" for line in bench.decode_summary(rows))
-    note = ("ms/step: time per decode step (generate: between the first and the last new token, as a streamer "
-            "sees them); tokens/s = batch / step time; ideal: batch * bandwidth / (non-embedding weight bytes + "
-            "batch * state or KV bytes); decode MB: cache + peak increase during an untimed step loop "
-            f"({bench.PeakMemory(args.device).method}).")
+    note = (
+        "ms/step: time per decode step (generate: between the first and the last new token, as a streamer "
+        "sees them); tokens/s = batch / step time; ideal: batch * bandwidth / (non-embedding weight bytes + "
+        "batch * state or KV bytes); decode MB: cache + peak increase during an untimed step loop "
+        f"({bench.PeakMemory(args.device).method})."
+    )
     preamble = [run["header"], bench.describe_models(retnet, llama), settings]
     png = bench.plot_decode(rows, f"{args.out}/decode.png", f"Decode, RetNet vs Llama ({args.size}, {args.dtype})")
     bench.publish(args.out, "decode", preamble, [table, note, summary], rows, png)

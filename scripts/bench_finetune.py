@@ -26,17 +26,30 @@ def build(kind: str, preset: str, vocab: int, method: str):
     from retnet_hf.pretraining import PRESETS
 
     p = PRESETS[preset]
-    d, dv, f, layers, heads = (p["decoder_embed_dim"], p["decoder_value_embed_dim"], p["decoder_ffn_embed_dim"],
-                               p["decoder_layers"], p["decoder_retention_heads"])
+    d, dv, f, layers, heads = (
+        p["decoder_embed_dim"],
+        p["decoder_value_embed_dim"],
+        p["decoder_ffn_embed_dim"],
+        p["decoder_layers"],
+        p["decoder_retention_heads"],
+    )
     torch.manual_seed(0)
     if kind == "retnet":
         model = RetNetForCausalLM(RetNetConfig(vocab_size=vocab, **p))
     else:
         per_layer = 2 * d * d + 3 * d * dv + 3 * d * f  # RetNet's projections per layer
         intermediate = round((per_layer - 4 * d * d) / (3 * d))
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=intermediate,
-                                             num_hidden_layers=layers, num_attention_heads=heads,
-                                             max_position_embeddings=16384, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=d,
+                intermediate_size=intermediate,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                max_position_embeddings=16384,
+                attn_implementation="sdpa",
+            )
+        )
     params = sum(p.numel() for p in model.parameters())
     if method == "qlora":  # round trip through a folder: from_pretrained does the quantization
         import tempfile
@@ -46,8 +59,12 @@ def build(kind: str, preset: str, vocab: int, method: str):
         folder = tempfile.mkdtemp()
         model.save_pretrained(folder)
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            ),
+        )
     return model, params
 
 
@@ -85,8 +102,15 @@ def one(kind: str, method: str, length: int, steps: int, preset: str, vocab: int
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": kind, "method": method, "length": length, "params": params,
-            "step_s": sum(times) / len(times), "peak_mib": memory, "device": device}
+    return {
+        "model": kind,
+        "method": method,
+        "length": length,
+        "params": params,
+        "step_s": sum(times) / len(times),
+        "peak_mib": memory,
+        "device": device,
+    }
 
 
 def main() -> None:
@@ -108,24 +132,45 @@ def main() -> None:
     for length in args.lengths:
         for method in args.methods:
             for kind in ("retnet", "llama"):
-                command = [sys.executable, __file__, "--one", kind, method, str(length), "--steps", str(args.steps),
-                           "--preset", args.preset, "--vocab", str(args.vocab)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    kind,
+                    method,
+                    str(length),
+                    "--steps",
+                    str(args.steps),
+                    "--preset",
+                    args.preset,
+                    "--vocab",
+                    str(args.vocab),
+                ]
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-                    line = [l for l in done.stdout.splitlines() if l.startswith("{")]
+                    line = [text for text in done.stdout.splitlines() if text.startswith("{")]
                     row = json.loads(line[-1]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
                 except subprocess.TimeoutExpired:
                     row = {"error": f"over {args.timeout:.0f} s"}
                 row.update(model=kind, method=method, length=length)
                 rows.append(row)
-                print(f"  {kind:6s} {method:5s} {length:5d}: " + (
-                    f"{row['step_s']:.3f} s/step, peak {row['peak_mib']:.0f} MiB" if "step_s" in row
-                    else row["error"]), file=sys.stderr, flush=True)
+                print(
+                    f"  {kind:6s} {method:5s} {length:5d}: "
+                    + (
+                        f"{row['step_s']:.3f} s/step, peak {row['peak_mib']:.0f} MiB"
+                        if "step_s" in row
+                        else row["error"]
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     device = next((r["device"] for r in rows if "device" in r), "?")
     params = {r["model"]: r["params"] for r in rows if "params" in r}
-    print(f"\nLoRA r=16 on all projections, batch 1, mean of {args.steps} steps, on {device}; parameters: "
-          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()))
+    print(
+        f"\nLoRA r=16 on all projections, batch 1, mean of {args.steps} steps, on {device}; parameters: "
+        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
+    )
     memory = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     print(f"| method | length | RetNet s/step | Llama s/step | RetNet {memory} | Llama {memory} |")
     print("|---|---|---|---|---|---|")
@@ -137,8 +182,10 @@ def main() -> None:
                 row = pair.get(kind, {})
                 return fmt.format(row[key]) if key in row else row.get("error", "-")
 
-            print(f"| {method} | {length} | {cell('retnet', 'step_s', '{:.3f}')} | {cell('llama', 'step_s', '{:.3f}')} "
-                  f"| {cell('retnet', 'peak_mib', '{:.0f}')} | {cell('llama', 'peak_mib', '{:.0f}')} |")
+            print(
+                f"| {method} | {length} | {cell('retnet', 'step_s', '{:.3f}')} | {cell('llama', 'step_s', '{:.3f}')} "
+                f"| {cell('retnet', 'peak_mib', '{:.0f}')} | {cell('llama', 'peak_mib', '{:.0f}')} |"
+            )
 
 
 if __name__ == "__main__":

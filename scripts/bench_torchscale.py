@@ -18,8 +18,16 @@ import sys
 from retnet_hf import benchmarking as bench
 
 
-COLUMNS = ["prompt", "batch", "ours prefill s", "torchscale prompt s", "prefill speed-up", "ours ms/step",
-           "torchscale ms/step", "max rel diff"]
+COLUMNS = [
+    "prompt",
+    "batch",
+    "ours prefill s",
+    "torchscale prompt s",
+    "prefill speed-up",
+    "ours ms/step",
+    "torchscale ms/step",
+    "max rel diff",
+]
 
 
 def parse_args(argv=None):
@@ -42,25 +50,36 @@ def main(argv=None) -> int:
     try:
         bench.import_torchscale()
     except ImportError as error:
-        print(f"torchscale is not importable ({error}); pip install --no-deps torchscale==0.3.0 fairscale==0.4.0",
-              file=sys.stderr)
+        print(
+            f"torchscale is not importable ({error}); pip install --no-deps torchscale==0.3.0 fairscale==0.4.0",
+            file=sys.stderr,
+        )
         return 2
     run = bench.prepare_run(args)
     retnet, _ = bench.build_models(bench.SIZES[args.size](), dtype=run["dtype"], device=args.device, seed=args.seed)
-    settings = (f"settings: size {args.size}, {args.dtype}, prompts {args.prompts}, batch {args.batch_size}, "
-                f"{args.decode_steps} decode steps")
+    settings = (
+        f"settings: size {args.size}, {args.dtype}, prompts {args.prompts}, batch {args.batch_size}, "
+        f"{args.decode_steps} decode steps"
+    )
     print(run["header"], bench.describe_models(retnet), settings, sep="\n", flush=True)
     rows = bench.torchscale_benchmark(
-        retnet, args.prompts, args.decode_steps, args.batch_size, seed=args.seed,
+        retnet,
+        args.prompts,
+        args.decode_steps,
+        args.batch_size,
+        seed=args.seed,
         log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
     )
     table = bench.format_table(rows, COLUMNS)
-    note = ("ours prefill: one forward pass (chunkwise) returning the state; torchscale prompt: its incremental "
-            "decoding, one call per token; ms/step: median decode step after the prompt; max rel diff: logits of "
-            "both, relative to their largest magnitude.")
+    note = (
+        "ours prefill: one forward pass (chunkwise) returning the state; torchscale prompt: its incremental "
+        "decoding, one call per token; ms/step: median decode step after the prompt; max rel diff: logits of "
+        "both, relative to their largest magnitude."
+    )
     preamble = [run["header"], bench.describe_models(retnet), settings]
-    png = bench.plot_torchscale(rows, f"{args.out}/torchscale.png",
-                                f"retnet_hf vs torchscale 0.3.0, same weights ({args.size}, {args.dtype})")
+    png = bench.plot_torchscale(
+        rows, f"{args.out}/torchscale.png", f"retnet_hf vs torchscale 0.3.0, same weights ({args.size}, {args.dtype})"
+    )
     bench.publish(args.out, "torchscale", preamble, [table, note], rows, png)
     return 0
 

@@ -17,9 +17,22 @@ from pathlib import Path
 from retnet_hf.comparison import ComparisonSettings, compare
 from retnet_hf.pretraining import UsageError
 
+
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-QUICK = dict(max_chars=40_000, vocab_size=300, d_model=48, layers=2, retnet_heads=2, llama_heads=2, block_size=32,
-             batch_size=8, steps=30, eval_every=10, eval_blocks=16, learning_rates=(2e-3, 5e-3, 1e-2))
+QUICK = dict(
+    max_chars=40_000,
+    vocab_size=300,
+    d_model=48,
+    layers=2,
+    retnet_heads=2,
+    llama_heads=2,
+    block_size=32,
+    batch_size=8,
+    steps=30,
+    eval_every=10,
+    eval_blocks=16,
+    learning_rates=(2e-3, 5e-3, 1e-2),
+)
 
 
 def _floats(text):
@@ -54,10 +67,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    fields = dict(max_chars=args.max_chars, vocab_size=args.vocab_size, d_model=args.d_model, layers=args.layers,
-                  retnet_heads=args.retnet_heads, llama_heads=args.llama_heads, block_size=args.block_size,
-                  batch_size=args.batch_size, steps=args.steps, eval_every=args.eval_every,
-                  eval_blocks=args.eval_blocks, learning_rates=args.lrs)
+    fields = dict(
+        max_chars=args.max_chars,
+        vocab_size=args.vocab_size,
+        d_model=args.d_model,
+        layers=args.layers,
+        retnet_heads=args.retnet_heads,
+        llama_heads=args.llama_heads,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_blocks=args.eval_blocks,
+        learning_rates=args.lrs,
+    )
     if args.quick:
         fields.update(QUICK)
     if args.threads:

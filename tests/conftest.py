@@ -68,8 +68,10 @@ def import_torchscale():
     import importlib.util
 
     if importlib.util.find_spec("torchscale") is None or importlib.util.find_spec("fairscale") is None:
-        pytest.skip("torchscale is not installed (pip install --no-deps torchscale==0.3.0 fairscale==0.4.0)",
-                    allow_module_level=True)
+        pytest.skip(
+            "torchscale is not installed (pip install --no-deps torchscale==0.3.0 fairscale==0.4.0)",
+            allow_module_level=True,
+        )
     from retnet_hf.benchmarking import import_torchscale as package_import
 
     return package_import()
@@ -105,7 +107,11 @@ def run_script(python: str, script: str, tmp_path: Path, timeout: int = 180) -> 
     path = tmp_path / "child_script.py"
     path.write_text(textwrap.dedent(script))
     result = subprocess.run(
-        [python, str(path)], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+        [python, str(path)],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert result.returncode == 0, f"child failed ({python}):\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"

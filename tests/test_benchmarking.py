@@ -66,8 +66,14 @@ def test_125m_sizes_are_as_documented():
 
 def test_same_size_llama_refuses_an_impossible_match():
     # Llama's attention (4 d^2 per layer) alone outweighs a RetNet with almost no value or feed-forward width.
-    retnet_config = RetNetConfig(vocab_size=16, decoder_embed_dim=256, decoder_value_embed_dim=2,
-                                 decoder_ffn_embed_dim=2, decoder_layers=2, decoder_retention_heads=2)
+    retnet_config = RetNetConfig(
+        vocab_size=16,
+        decoder_embed_dim=256,
+        decoder_value_embed_dim=2,
+        decoder_ffn_embed_dim=2,
+        decoder_layers=2,
+        decoder_retention_heads=2,
+    )
     with pytest.raises(ValueError, match="within 3%"):
         bench.same_size_llama(retnet_config)
 
@@ -111,10 +117,18 @@ def test_chunkwise_crossover_ignores_one_chunk_and_needs_every_longer_length():
             for variant, seconds in (("RetNet parallel", parallel), ("RetNet chunkwise", chunkwise))
         ]
 
-    assert bench.chunkwise_crossover(rows({512: (2.0, 1.0), 1024: (1.0, 2.0), 2048: (3.0, 1.0)}), "forward",
-                                     chunk_size=512) == 2048
-    assert bench.chunkwise_crossover(rows({512: (2.0, 1.0), 1024: (3.0, 2.0), 2048: (9.0, 1.0)}), "forward",
-                                     chunk_size=512) == 1024
+    assert (
+        bench.chunkwise_crossover(
+            rows({512: (2.0, 1.0), 1024: (1.0, 2.0), 2048: (3.0, 1.0)}), "forward", chunk_size=512
+        )
+        == 2048
+    )
+    assert (
+        bench.chunkwise_crossover(
+            rows({512: (2.0, 1.0), 1024: (3.0, 2.0), 2048: (9.0, 1.0)}), "forward", chunk_size=512
+        )
+        == 1024
+    )
     assert bench.chunkwise_crossover(rows({1024: (1.0, 2.0)}), "forward", chunk_size=512) is None
 
 
@@ -224,8 +238,14 @@ def test_prefill_training_step_with_gradient_checkpointing():
 def test_prefill_summary_speaks_of_the_parallel_form_only_where_it_was_asked_for():
     def row(variant, length, seconds=None, peak=None):
         skipped = None if seconds else "needs ~99.0 GiB"
-        return {"variant": variant, "length": length, "mode": "forward+backward", "seconds": seconds,
-                "peak MB": peak, "skipped": skipped}
+        return {
+            "variant": variant,
+            "length": length,
+            "mode": "forward+backward",
+            "seconds": seconds,
+            "peak MB": peak,
+            "skipped": skipped,
+        }
 
     without_parallel = [row("RetNet chunkwise", 1024, 2.0, 300.0), row("Llama SDPA", 1024, 2.0, 400.0)]
     assert bench.prefill_summary(without_parallel, chunk_size=512) == [

@@ -12,6 +12,7 @@ import torch
 
 from retnet_hf.cli import main
 
+
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -25,11 +26,30 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("run") / "model"
-    code = main([
-        "train", str(text_file), "--output", str(out), "--preset", "tiny", "--vocab-size", "300",
-        "--block-size", "64", "--batch-size", "4", "--max-steps", "12", "--eval-steps", "6", "--save-steps", "6",
-        "--lr", "3e-3",
-    ])
+    code = main(
+        [
+            "train",
+            str(text_file),
+            "--output",
+            str(out),
+            "--preset",
+            "tiny",
+            "--vocab-size",
+            "300",
+            "--block-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "12",
+            "--eval-steps",
+            "6",
+            "--save-steps",
+            "6",
+            "--lr",
+            "3e-3",
+        ]
+    )
     assert code == 0
     return out
 
@@ -37,8 +57,16 @@ def trained(tmp_path_factory, text_file):
 def test_train_writes_a_complete_folder_that_loads(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "loss.png",
-                 "modeling_retnet.py", "configuration_retnet.py", "retention.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "loss.png",
+        "modeling_retnet.py",
+        "configuration_retnet.py",
+        "retention.py",
+    ):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_retnet.RetNetForCausalLM"
@@ -56,8 +84,22 @@ def test_training_lowers_the_loss(trained):
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, text_file):
-    common = ["train", str(text_file), "--output", str(tmp_path), "--vocab-size", "300", "--block-size", "64",
-              "--batch-size", "4", "--eval-steps", "5", "--save-steps", "5"]
+    common = [
+        "train",
+        str(text_file),
+        "--output",
+        str(tmp_path),
+        "--vocab-size",
+        "300",
+        "--block-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--eval-steps",
+        "5",
+        "--save-steps",
+        "5",
+    ]
     assert main(common + ["--max-steps", "10", "--max-seconds", "0.001"]) == 0  # stops after the first step
     first = json.loads((tmp_path / "training_summary.json").read_text())["steps"]
     assert first < 10
@@ -84,8 +126,22 @@ def test_chat_keeps_the_state_between_turns(trained, capsys, monkeypatch):
 
 
 def test_demo_runs_on_a_small_budget(tmp_path, text_file, capsys):
-    assert main(["demo", "--text", str(text_file), "--output", str(tmp_path / "demo"), "--max-seconds", "3",
-                 "--max-steps", "20"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--text",
+                str(text_file),
+                "--output",
+                str(tmp_path / "demo"),
+                "--max-seconds",
+                "3",
+                "--max-steps",
+                "20",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for row in ("chunkwise vs parallel", "recurrent vs parallel", "decode at 128 tokens", "decode at 4096 tokens"):
         assert row in out
@@ -122,7 +178,10 @@ def test_wrong_option_and_help_in_a_fresh_process():
     assert help_text.returncode == 0
     for command in ("demo", "train", "generate", "chat"):
         assert command in help_text.stdout
-    wrong = subprocess.run([sys.executable, "-m", "retnet_hf", "train", "x.txt", "--output", "o", "--max-steps",
-                            "-3"], capture_output=True, text=True)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "retnet_hf", "train", "x.txt", "--output", "o", "--max-steps", "-3"],
+        capture_output=True,
+        text=True,
+    )
     assert wrong.returncode == 2 and "must be a positive integer" in wrong.stderr
     assert "Traceback" not in wrong.stderr

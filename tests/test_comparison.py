@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("compare_with_transformer",
-                                                  ROOT / "scripts" / "compare_with_transformer.py")
+    spec = importlib.util.spec_from_file_location(
+        "compare_with_transformer", ROOT / "scripts" / "compare_with_transformer.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,10 +41,13 @@ def quick_run(tmp_path_factory):
 
 
 def table_rows(text):
-    rows = re.findall(r"^\| (RetNet|Llama) \| ([\d,]+) \| ([\d.e+-]+) \| ([\d.]+) \| ([\d.]+) \| (\*?) \|$", text,
-                      flags=re.M)
-    return [(model, int(params.replace(",", "")), float(lr), float(final), float(low), mark == "*")
-            for model, params, lr, final, low, mark in rows]
+    rows = re.findall(
+        r"^\| (RetNet|Llama) \| ([\d,]+) \| ([\d.e+-]+) \| ([\d.]+) \| ([\d.]+) \| (\*?) \|$", text, flags=re.M
+    )
+    return [
+        (model, int(params.replace(",", "")), float(lr), float(final), float(low), mark == "*")
+        for model, params, lr, final, low, mark in rows
+    ]
 
 
 def test_quick_comparison_runs_end_to_end(quick_run):

@@ -165,14 +165,15 @@ def test_torchscale_greedy_generation_equals_its_incremental_decoding(tmp_path):
     model = load(out)
     prompt, new_tokens = tokens(batch=2, length=7, seed=4), 10
     with torch.no_grad():
-        ours = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                              max_new_tokens=new_tokens, pad_token_id=0)
+        ours = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, pad_token_id=0
+        )
         sequence, incremental_state = prompt[:, :1], {}
         for t in range(prompt.shape[1] + new_tokens - 1):
             logits = decoder(sequence, incremental_state=incremental_state)[0][:, -1]
             following = prompt[:, t + 1] if t + 1 < prompt.shape[1] else logits.argmax(-1)
             sequence = torch.cat([sequence, following[:, None]], dim=1)
-    assert all(len(set(row.tolist())) > 1 for row in sequence[:, prompt.shape[1]:])  # not a trivial repetition
+    assert all(len(set(row.tolist())) > 1 for row in sequence[:, prompt.shape[1] :])  # not a trivial repetition
     assert torch.equal(ours, sequence), (ours, sequence)
 
 
@@ -199,8 +200,10 @@ def tiny_tokenizer_file(path: Path):
 def write_syncdoth_folder(decoder, fields, folder: Path, shards=3, weights="safetensors") -> Path:
     """syncdoth/RetNet's layout: torchscale keys under `model.`, `lm_head`, torchscale-named config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {("lm_head.weight" if k == "output_projection.weight" else f"model.{k}"): v.clone()
-             for k, v in decoder.state_dict().items()}
+    state = {
+        ("lm_head.weight" if k == "output_projection.weight" else f"model.{k}"): v.clone()
+        for k, v in decoder.state_dict().items()
+    }
     config = dict(
         fields,
         model_type="retnet",
@@ -287,9 +290,14 @@ def test_syncdoth_sharded_folder_reads_one_shard_at_a_time(tmp_path, torchscale_
     events = []
     monkeypatch.setattr(conversion, "safe_open", SpyOpen(conversion.safe_open, events))
     real_save = conversion.save_file
-    monkeypatch.setattr(conversion, "save_file",
-                        lambda tensors, path, **kw: (events.append(("write", Path(path).name, len(tensors))),
-                                                     real_save(tensors, path, **kw))[1])
+    monkeypatch.setattr(
+        conversion,
+        "save_file",
+        lambda tensors, path, **kw: (
+            events.append(("write", Path(path).name, len(tensors))),
+            real_save(tensors, path, **kw),
+        )[1],
+    )
     out = convert_checkpoint("syncdoth", src, tmp_path / "out", max_shard_size="40KB")
 
     # never two source files open at once; every tensor read while only its own file is open
@@ -383,19 +391,21 @@ def fla_weights(config, seed=0):
     weights = {"model.embeddings.weight": randn(v, d, scale=1.0), "model.norm.weight": norm(d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        weights.update({
-            p + "attn_norm.weight": norm(d),
-            p + "attn.q_proj.weight": randn(d, d, scale=d**-0.5),
-            p + "attn.k_proj.weight": randn(d, d, scale=d**-0.5),
-            p + "attn.v_proj.weight": randn(dv, d, scale=d**-0.5),
-            p + "attn.g_proj.weight": randn(dv, d, scale=d**-0.5),
-            p + "attn.o_proj.weight": randn(d, dv, scale=dv**-0.5),
-            p + f"attn.{gate_norm}.weight": norm(dv // config["num_heads"]),
-            p + "mlp_norm.weight": norm(d),
-            p + "mlp.gate_proj.weight": randn(f, d, scale=d**-0.5),
-            p + "mlp.up_proj.weight": randn(f, d, scale=d**-0.5),
-            p + "mlp.down_proj.weight": randn(d, f, scale=f**-0.5),
-        })
+        weights.update(
+            {
+                p + "attn_norm.weight": norm(d),
+                p + "attn.q_proj.weight": randn(d, d, scale=d**-0.5),
+                p + "attn.k_proj.weight": randn(d, d, scale=d**-0.5),
+                p + "attn.v_proj.weight": randn(dv, d, scale=d**-0.5),
+                p + "attn.g_proj.weight": randn(dv, d, scale=d**-0.5),
+                p + "attn.o_proj.weight": randn(d, dv, scale=dv**-0.5),
+                p + f"attn.{gate_norm}.weight": norm(dv // config["num_heads"]),
+                p + "mlp_norm.weight": norm(d),
+                p + "mlp.gate_proj.weight": randn(f, d, scale=d**-0.5),
+                p + "mlp.up_proj.weight": randn(f, d, scale=d**-0.5),
+                p + "mlp.down_proj.weight": randn(d, f, scale=f**-0.5),
+            }
+        )
     if not config["tie_word_embeddings"]:
         weights["lm_head.weight"] = randn(v, d, scale=d**-0.5)
     return weights
@@ -549,8 +559,9 @@ def test_converted_folder_loads_with_trust_remote_code_without_the_package(tmp_p
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout
     logits = torch.load(tmp_path / "logits.pt", weights_only=True)
@@ -601,8 +612,14 @@ class RunsCodeWhenUnpickled:
 def test_pickle_needing_code_is_refused(tmp_path, torchscale_model):
     decoder, fields = torchscale_model
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": {f"decoder.{k}": v for k, v in decoder.state_dict().items()},
-                "args": argparse.Namespace(**fields), "extra_state": RunsCodeWhenUnpickled()}, path)
+    torch.save(
+        {
+            "model": {f"decoder.{k}": v for k, v in decoder.state_dict().items()},
+            "args": argparse.Namespace(**fields),
+            "extra_state": RunsCodeWhenUnpickled(),
+        },
+        path,
+    )
     with pytest.raises(ConversionError, match="refused") as error:
         convert_checkpoint("torchscale", path, tmp_path / "out")
     assert "weights_only" in str(error.value)

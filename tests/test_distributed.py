@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, BLOCK = 6, 4, 32
@@ -100,17 +101,62 @@ def launch(launcher, tmp_path, text_file, *extra, env_extra=None, timeout=240):
     records = tmp_path / "records"
     records.mkdir()
     out = tmp_path / "model"
-    train = ["train", str(text_file), "--output", str(out), "--preset", "tiny", "--vocab-size", "300",
-             "--block-size", str(BLOCK), "--batch-size", str(BATCH), "--max-steps", str(STEPS),
-             "--eval-steps", "3", "--save-steps", "3", "--lr", "3e-3", *extra]
+    train = [
+        "train",
+        str(text_file),
+        "--output",
+        str(out),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--block-size",
+        str(BLOCK),
+        "--batch-size",
+        str(BATCH),
+        "--max-steps",
+        str(STEPS),
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "3",
+        "--lr",
+        "3e-3",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     if launcher == "accelerate":
-        command = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                   "29531", str(driver), str(records), *train]
+        command = [
+            shutil.which("accelerate") or "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29531",
+            str(driver),
+            str(records),
+            *train,
+        ]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                   str(driver), str(records), *train]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(driver),
+            str(records),
+            *train,
+        ]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in range(2)]
@@ -159,9 +205,28 @@ def test_fsdp_on_cpu_processes_says_it_needs_gpus(tmp_path, text_file):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     (tmp_path / "records").mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(driver), str(tmp_path / "records"), "train", str(text_file), "--output", str(tmp_path / "model"),
-               "--vocab-size", "300", "--block-size", str(BLOCK), "--max-steps", "2", "--fsdp"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(driver),
+        str(tmp_path / "records"),
+        "train",
+        str(text_file),
+        "--output",
+        str(tmp_path / "model"),
+        "--vocab-size",
+        "300",
+        "--block-size",
+        str(BLOCK),
+        "--max-steps",
+        "2",
+        "--fsdp",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
@@ -175,8 +240,9 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(tmp_path, text_file):
     """`--max-seconds` under torchrun: rank 0's clock decides, so no rank waits forever for a step the other
     skipped. Rank 1's clock is frozen (it would never stop by itself); a budget of 1 ms on rank 0 stops both after
     their first step, with the same weights. If each rank decided alone, rank 1 would hang in its second step."""
-    out, ranks, weights, run = launch("torchrun", tmp_path, text_file, "--max-seconds", "0.001",
-                                      env_extra={"FREEZE_CLOCK_ON_RANK": "1"}, timeout=150)
+    out, ranks, weights, run = launch(
+        "torchrun", tmp_path, text_file, "--max-seconds", "0.001", env_extra={"FREEZE_CLOCK_ON_RANK": "1"}, timeout=150
+    )
     assert [len(r["batches"]) for r in ranks] == [BATCH, BATCH]
     assert not {tuple(b) for b in ranks[0]["batches"]} & {tuple(b) for b in ranks[1]["batches"]}
     for name, tensor in weights[0]["final"].items():

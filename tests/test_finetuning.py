@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 peft = pytest.importorskip("peft", reason="peft is in the train extras: pip install -e '.[train]'")
 trl = pytest.importorskip("trl", reason="trl is in the train extras: pip install -e '.[train]'")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the train extras: pip install -e '.[train]'")
@@ -20,7 +21,6 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the train e
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
 from retnet_hf import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, RetNetForCausalLM  # noqa: E402
 from retnet_hf.finetuning import (  # noqa: E402
     GUANACO_CHAT_TEMPLATE,
@@ -36,6 +36,8 @@ from retnet_hf.finetuning import (  # noqa: E402
     to_guanaco,
 )
 from retnet_hf.pretraining import save_tokenizer, train_tokenizer  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
 
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -75,9 +77,15 @@ def folder(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     # widths that are multiples of 64 (bitsandbytes' 4-bit block): the CPU inference repacking of REFERENCE §4
     # can then happen, and the gradient test below sees whether it breaks the LoRA gradients
-    model = RetNetForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                          **WIDTHS))
+    model = RetNetForCausalLM(
+        tiny_config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **WIDTHS,
+        )
+    )
     model.save_pretrained(path)
     save_tokenizer(tokenizer, path)
     return path
@@ -95,8 +103,7 @@ def short_jsonl(tmp_path_factory, rows, llama_rows):
 
 
 def batch_of(tokenizer, texts, length=48):
-    enc = tokenizer([t for t in texts], return_tensors="pt", padding="max_length", truncation=True,
-                    max_length=length)
+    enc = tokenizer([t for t in texts], return_tensors="pt", padding="max_length", truncation=True, max_length=length)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     return enc.input_ids, enc.attention_mask, labels
 
@@ -141,7 +148,9 @@ def randomize_lora_b(model, seed=1):
 
 def test_llama2_rows_convert_to_guanaco(llama_rows):
     text = "<s>[INST] What is 2+2? [/INST] It is 4. </s><s>[INST] And 3+3? [/INST] 6. </s>"
-    assert llama2_to_guanaco(text) == "### Human: What is 2+2?### Assistant: It is 4.### Human: And 3+3?### Assistant: 6."
+    assert (
+        llama2_to_guanaco(text) == "### Human: What is 2+2?### Assistant: It is 4.### Human: And 3+3?### Assistant: 6."
+    )
     for original in llama_rows[:200]:
         converted = to_guanaco(original)
         assert converted.count("### Human:") == original.count("[INST]")
@@ -199,8 +208,7 @@ def test_lora_adapts_all_eight_projections_of_every_layer(targets):
 
 def test_lora_trains_saves_reloads_merges_and_generates_with_the_state(tmp_path, folder, tokenizer, rows):
     base = AutoModelForCausalLM.from_pretrained(folder)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES,
-                                            lora_dropout=0.0))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES, lora_dropout=0.0))
     batch = batch_of(tokenizer, rows[:4], length=32)
     losses = train_steps(model, batch, steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, losses
@@ -211,8 +219,7 @@ def test_lora_trains_saves_reloads_merges_and_generates_with_the_state(tmp_path,
         adapted = model(input_ids=input_ids, attention_mask=attention_mask).logits
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
-        assert not torch.allclose(plain(input_ids=input_ids, attention_mask=attention_mask).logits, adapted,
-                                  atol=1e-3)
+        assert not torch.allclose(plain(input_ids=input_ids, attention_mask=attention_mask).logits, adapted, atol=1e-3)
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter").eval()
@@ -224,20 +231,27 @@ def test_lora_trains_saves_reloads_merges_and_generates_with_the_state(tmp_path,
     hook = reloaded.get_base_model().model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
-    prompt = tokenizer.apply_chat_template(guanaco_messages(rows[0])[:1], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    out = reloaded.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+    prompt = tokenizer.apply_chat_template(
+        guanaco_messages(rows[0])[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = reloaded.generate(
+        **prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     hook.remove()
     assert lengths == [prompt["input_ids"].shape[1]] + [1] * 5
 
     merged = reloaded.merge_and_unload()
     assert type(merged) is RetNetForCausalLM
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids, attention_mask=attention_mask).logits, adapted,
-                                   atol=1e-5, rtol=1e-5)
-    assert torch.equal(merged.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id), out)
+        torch.testing.assert_close(
+            merged(input_ids=input_ids, attention_mask=attention_mask).logits, adapted, atol=1e-5, rtol=1e-5
+        )
+    assert torch.equal(
+        merged.generate(
+            **prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        ),
+        out,
+    )
 
 
 # ---------------------------------------------------------------- QLoRA and 8-bit
@@ -251,8 +265,10 @@ def load_4bit(folder, compute_dtype=torch.float32, **kwargs):
 def float_twin(folder, quantized):
     """The float model whose projection weights are the dequantized 4-bit weights (the rest as saved)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    modules = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): module
-               for name, module in quantized.named_modules()}  # a PeftModel's names too
+    modules = {
+        name.removeprefix("base_model.model.").removesuffix(".base_layer"): module
+        for name, module in quantized.named_modules()
+    }  # a PeftModel's names too
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.split(".")[-1] in PROJECTIONS:
@@ -262,8 +278,9 @@ def float_twin(folder, quantized):
     return model
 
 
-@pytest.mark.parametrize("after_generate", [False, True, "repacked"],
-                         ids=["fresh", "after-no-grad-forward", "repacked-then-unpacked"])
+@pytest.mark.parametrize(
+    "after_generate", [False, True, "repacked"], ids=["fresh", "after-no-grad-forward", "repacked-then-unpacked"]
+)
 def test_qlora_gradients_match_a_float_reference(folder, tokenizer, rows, after_generate):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, lora_dropout=0.0)
     quantized = load_4bit(folder)
@@ -285,8 +302,9 @@ def test_qlora_gradients_match_a_float_reference(folder, tokenizer, rows, after_
         # bitsandbytes repacks whenever the flag is set, whatever the CPU (prepare_for_kbit clears it)
         assert all(repacked) if after_generate == "repacked" else not any(repacked)
         disable_cpu_inference_repacking(model)  # what sft() does after get_peft_model: undoes a repacking
-        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-                       for m in linear4bit_modules(model))
+        assert not any(
+            getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linear4bit_modules(model)
+        )
     # the float reference: the 4-bit weights as they are now (bitsandbytes' repack round trip rounds the block
     # scales to bf16, so it is built after it), the same LoRA weights
     reference = get_peft_model(float_twin(folder, model), lora)
@@ -338,9 +356,21 @@ def run_trainer(model, tokenizer, dataset, tmp_path, **config):
         lambda m, a, kw: seen.append((kw.get("position_ids"), kw.get("attention_mask") is not None)),
         with_kwargs=True,
     )
-    args = dict(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4,
-                learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                use_cpu=True, bf16=False, report_to=[], max_length=64, disable_tqdm=True, seed=0)
+    args = dict(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        max_length=64,
+        disable_tqdm=True,
+        seed=0,
+    )
     # under the running transformers' name (TRL defaults it to on; 5.24 renamed it activation_checkpointing)
     args[ACTIVATION_CHECKPOINTING] = config.pop("gradient_checkpointing", False)
     args.update(config)
@@ -370,8 +400,9 @@ def test_sft_trainer(tmp_path, folder, tokenizer, rows, method, options):
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
     if method != "full":
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES,
-                                                 lora_dropout=0.0))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES, lora_dropout=0.0)
+        )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     completion_only = options.pop("completion_only", False)
     if completion_only:
@@ -379,8 +410,9 @@ def test_sft_trainer(tmp_path, folder, tokenizer, rows, method, options):
         dataset = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
     else:
         dataset = sft_rows_dataset(rows)
-    losses, seen = run_trainer(model, tokenizer, dataset, tmp_path, completion_only_loss=completion_only or None,
-                               **options)
+    losses, seen = run_trainer(
+        model, tokenizer, dataset, tmp_path, completion_only_loss=completion_only or None, **options
+    )
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.1, losses
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -413,8 +445,16 @@ def test_qlora_tutorial_recipe(tmp_path, folder, tokenizer, rows):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05))
     per_layer, _ = adapted_leaf_names(model)
     assert per_layer == {i: PROJECTIONS for i in range(model.config.decoder_layers)}
-    losses, _ = run_trainer(model, tokenizer, sft_rows_dataset(rows), tmp_path, gradient_checkpointing=True,
-                            train_sampling_strategy="group_by_length", optim="adamw_torch", bf16=True)
+    losses, _ = run_trainer(
+        model,
+        tokenizer,
+        sft_rows_dataset(rows),
+        tmp_path,
+        gradient_checkpointing=True,
+        train_sampling_strategy="group_by_length",
+        optim="adamw_torch",
+        bf16=True,
+    )
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.1, losses
 
@@ -460,8 +500,27 @@ def test_sft_command_merges_resumes_and_chats(tmp_path, folder, short_jsonl, cap
     from retnet_hf.cli import main
 
     out = tmp_path / "chatty"
-    common = [str(folder), "--output", str(out), "--data", str(short_jsonl), "--max-length", "64",
-              "--batch-size", "4", "--limit", "4", "--lr", "1e-2", "--rank", "8", "--save-steps", "2", "--logging-steps", "1"]
+    common = [
+        str(folder),
+        "--output",
+        str(out),
+        "--data",
+        str(short_jsonl),
+        "--max-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--limit",
+        "4",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "8",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+    ]
     assert main(["sft", *common, "--max-steps", "2", "--packing", "--merge"]) == 0
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     assert json.loads((out / "training_summary.json").read_text())["resumed_from"] is None
@@ -484,18 +543,32 @@ def test_sft_command_merges_resumes_and_chats(tmp_path, folder, short_jsonl, cap
     assert type(model) is RetNetForCausalLM and not any("lora" in n for n, _ in model.named_parameters())
     tok = AutoTokenizer.from_pretrained(out)
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hola, ¿qué tal?"}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hola, ¿qué tal?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert tok.decode(prompt["input_ids"][0]).endswith("### Assistant:")
-    reply = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+    reply = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert reply.shape[1] == prompt["input_ids"].shape[1] + 8
 
 
 def test_sft_adapter_folder_loads_with_peft(tmp_path, folder, short_jsonl):
-    result = sft(str(folder), str(tmp_path / "adapter"), data=str(short_jsonl), method="qlora", rank=4,
-                 max_steps=2, max_length=64, batch_size=4, learning_rate=1e-2, completion_only=True,
-                 disable_tqdm=True, save_steps=100)
+    result = sft(
+        str(folder),
+        str(tmp_path / "adapter"),
+        data=str(short_jsonl),
+        method="qlora",
+        rank=4,
+        max_steps=2,
+        max_length=64,
+        batch_size=4,
+        learning_rate=1e-2,
+        completion_only=True,
+        disable_tqdm=True,
+        save_steps=100,
+    )
     assert not result.merged and (tmp_path / "adapter" / "adapter_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(folder)
     model = PeftModel.from_pretrained(base, tmp_path / "adapter")

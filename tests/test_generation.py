@@ -26,6 +26,7 @@ from retnet_hf import CACHE_NAME, RetNetCache
 
 from conftest import cache_of, tiny_model
 
+
 FORMS = ["parallel", "chunkwise", "recurrent"]
 PRECISIONS = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 1e-4, id="fp32")]
 TIGHT = dict(rtol=1e-10, atol=1e-10)
@@ -165,9 +166,7 @@ def test_each_decode_step_feeds_exactly_one_token(num_beams):
     model = model64()
     ids = prompt(batch=2, length=9)
     with RecordDecoderInputs(model) as calls:
-        out = model.generate(
-            ids, max_new_tokens=6, do_sample=False, num_beams=num_beams, return_dict_in_generate=True
-        )
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=num_beams, return_dict_in_generate=True)
     assert calls.lengths == [9] + [1] * 5  # the prompt once, then one token per new token (the last is not fed)
     cache = cache_of(out)
     assert isinstance(cache, RetNetCache)
@@ -318,6 +317,7 @@ def test_chunked_prefill_equals_one_prefill(explicit_cache, padded):
 
 
 # ------------------------------------------------------------------------------------------ 5. left padding
+
 
 def with_pad_embedding(model, pad_embedding):
     """`"zero"`: the pad row as initialised (padding_idx); `"random"`: a non-zero pad row, as a checkpoint may

@@ -28,6 +28,7 @@ from retnet_hf.pretraining import UsageError, train_tokenizer
 
 from conftest import tiny_model
 
+
 REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
 LINES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -36,8 +37,17 @@ LINES = [
     "Parallel, chunkwise and recurrent forms give the same outputs for the same inputs.",
     "Hugging Face folders carry weights, a config, a tokenizer and a model card.",
 ] * 4
-COMPLETE = {"README.md", "config.json", "configuration_retnet.py", "generation_config.json", "model.safetensors",
-            "modeling_retnet.py", "retention.py", "tokenizer.json", "tokenizer_config.json"}
+COMPLETE = {
+    "README.md",
+    "config.json",
+    "configuration_retnet.py",
+    "generation_config.json",
+    "model.safetensors",
+    "modeling_retnet.py",
+    "retention.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,12 @@ def tokenizer():
 
 def write_folder(folder: Path, tokenizer, *, card: bool = True, **save_kwargs) -> Path:
     """A model folder as the package writes one: weights + config + code, tokenizer, generation config, card."""
-    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_model(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model.save_pretrained(folder, **save_kwargs)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -74,8 +88,12 @@ def folder(tmp_path_factory, tokenizer):
 def child_env(tmp_path: Path) -> dict:
     """A child python that cannot see this checkout: no repo on PYTHONPATH, offline, its own module cache."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
-               HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+    )
     return env
 
 
@@ -202,8 +220,14 @@ def test_reloads_without_the_package_and_with_it_to_identical_logits(folder, tok
             logits = model(ids).logits
         torch.save({{"logits": logits, "module": type(model).__module__}}, {str(tmp_path / "child.pt")!r})
     """)
-    child = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=child_env(tmp_path),
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     remote = torch.load(tmp_path / "child.pt")
     assert remote["module"].startswith("transformers_modules")
@@ -243,8 +267,9 @@ def test_text_generation_pipeline_generates_and_streams(folder):
     streamer = Recorder(generator.tokenizer)
     prompt = "The quick brown fox"
     new = 6
-    out = generator(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=streamer,
-                    return_full_text=False)
+    out = generator(
+        prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=streamer, return_full_text=False
+    )
     assert streamer.puts == 1 + new  # the prompt once, then one call per generated token
     streamed = "".join(streamer.text)
     assert streamed == out[0]["generated_text"]
@@ -295,9 +320,21 @@ def test_push_goes_through_huggingface_hub_until_its_offline_guard(folder, monke
 
 def test_push_script_reports_the_offline_hub_without_a_traceback(folder, tmp_path):
     script = str(REPO_ROOT / "scripts" / "push_to_hub.py")
-    push = subprocess.run([sys.executable, script, str(folder), "someone/retnet-tiny-test", "--private",
-                           "--commit-message", "first upload"], env=child_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    push = subprocess.run(
+        [
+            sys.executable,
+            script,
+            str(folder),
+            "someone/retnet-tiny-test",
+            "--private",
+            "--commit-message",
+            "first upload",
+        ],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert push.returncode == 2, push.stderr[-3000:]
     assert "retnet-hf push: error: cannot upload" in push.stderr and "offline mode is enabled" in push.stderr
     assert "Traceback" not in push.stderr
@@ -317,8 +354,17 @@ def test_pretrain_writes_a_complete_folder_with_its_card(tmp_path):
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(LINES * 6))
-    result = pretrain([str(text)], str(tmp_path / "out"), vocab_size=280, block_size=32, batch_size=2,
-                      max_steps=2, eval_steps=2, save_steps=2, eval_fraction=0.2)
+    result = pretrain(
+        [str(text)],
+        str(tmp_path / "out"),
+        vocab_size=280,
+        block_size=32,
+        batch_size=2,
+        max_steps=2,
+        eval_steps=2,
+        save_steps=2,
+        eval_fraction=0.2,
+    )
     out = tmp_path / "out"
     assert check_folder(out) == []
     card = ModelCard.load(out / "README.md")

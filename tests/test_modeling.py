@@ -14,6 +14,7 @@ from retnet_hf import (
 
 from conftest import cache_of, tiny_config, tiny_model
 
+
 FORMS = ["parallel", "chunkwise", "recurrent"]
 
 
@@ -125,8 +126,14 @@ def test_backbone_returns_base_output():
 
 
 def test_standard_config_names_alias_torchscale_names():
-    config = RetNetConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-                          decoder_value_embed_dim=64, tie_word_embeddings=True)
+    config = RetNetConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        decoder_value_embed_dim=64,
+        tie_word_embeddings=True,
+    )
     assert (config.decoder_embed_dim, config.decoder_layers, config.decoder_retention_heads) == (64, 3, 4)
     assert config.decoder_ffn_embed_dim == 96 and config.share_decoder_input_output_embed
     assert config.hidden_size == 64 and config.num_attention_heads == 4 and config.intermediate_size == 96
@@ -224,8 +231,14 @@ def test_rotation_angles_survive_half_precision_loading(tmp_path):
 
 def test_flash_linear_attention_variant_forms_agree():
     """rotary_style="neox", no retention normalisation, an affine group norm: the forms still agree exactly."""
-    model = tiny_model(torch.float64, rotary_style="neox", retention_normalization=False, group_norm_affine=True,
-                       no_scale_embedding=True, recurrent_chunk_size=4)
+    model = tiny_model(
+        torch.float64,
+        rotary_style="neox",
+        retention_normalization=False,
+        group_norm_affine=True,
+        no_scale_embedding=True,
+        recurrent_chunk_size=4,
+    )
     with torch.no_grad():
         model.model.layers[0].retention.group_norm.weight.uniform_(0.5, 1.5)
     assert "model.layers.0.retention.group_norm.weight" in model.state_dict()
@@ -264,8 +277,9 @@ def test_training_gradients_agree_across_forms_float64(padded):
 
 
 def test_training_gradient_matches_finite_differences():
-    model = tiny_model(torch.float64, decoder_embed_dim=8, decoder_value_embed_dim=8, decoder_ffn_embed_dim=8,
-                       recurrent_chunk_size=2).train()
+    model = tiny_model(
+        torch.float64, decoder_embed_dim=8, decoder_value_embed_dim=8, decoder_ffn_embed_dim=8, recurrent_chunk_size=2
+    ).train()
     embeds = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x: model(inputs_embeds=x, retention_form="chunkwise", use_cache=False).logits, (embeds,)
@@ -293,8 +307,9 @@ def test_training_keeps_only_matmul_inputs_for_the_backward_pass():
     d, dv, f = config.decoder_embed_dim, config.decoder_value_embed_dim, config.decoder_ffn_embed_dim
     per_layer = 6 * d + 3 * dv + 3 * f + 1
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(t.untyped_storage().nbytes() for key, t in saved.items()
-                      if key not in weights and t.dtype.is_floating_point)
+    activations = sum(
+        t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights and t.dtype.is_floating_point
+    )
     assert activations <= (config.decoder_layers * per_layer + 2 * d + 1) * batch * length * 4, activations
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -163,7 +163,7 @@ def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
     masks = select(mask_kind, valid, resets)
     ref, ref_state = parallel_retention(q, k, v, log_decay, normalize=False, **masks)
     normalized, _ = parallel_retention(q, k, v, log_decay, **masks)
-    scale_sqrt = (ref.norm(dim=-1) / normalized.norm(dim=-1).clamp(min=1e-300))
+    scale_sqrt = ref.norm(dim=-1) / normalized.norm(dim=-1).clamp(min=1e-300)
     assert (scale_sqrt[normalized.norm(dim=-1) > 0] >= 1 - 1e-12).all()  # the only difference: a factor >= 1
     for out, state in (
         chunkwise_retention(q, k, v, log_decay, 4, normalize=False, **masks),
@@ -173,8 +173,12 @@ def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
         torch.testing.assert_close(state[0], ref_state[0], rtol=1e-12, atol=1e-12)
     # against the defining sum: undo the normalisation of the direct evaluation
     direct = direct_sum(q, k, v, log_decay, **masks)
-    torch.testing.assert_close(ref / ref.norm(dim=-1, keepdim=True).clamp(min=1e-300),
-                               direct / direct.norm(dim=-1, keepdim=True).clamp(min=1e-300), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ref / ref.norm(dim=-1, keepdim=True).clamp(min=1e-300),
+        direct / direct.norm(dim=-1, keepdim=True).clamp(min=1e-300),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def test_skipping_the_state_changes_nothing_else():

@@ -75,8 +75,15 @@ def test_causal_lm_round_trip_safetensors(tmp_path, tied):
     assert type(loaded_config) is RetNetConfig
     assert loaded_config.share_decoder_input_output_embed is tied
     assert loaded_config.tie_word_embeddings is tied
-    for name in ("vocab_size", "decoder_embed_dim", "decoder_value_embed_dim", "decoder_layers",
-                 "recurrent_chunk_size", "pad_token_id", "eos_token_id"):
+    for name in (
+        "vocab_size",
+        "decoder_embed_dim",
+        "decoder_value_embed_dim",
+        "decoder_layers",
+        "recurrent_chunk_size",
+        "pad_token_id",
+        "eos_token_id",
+    ):
         assert getattr(loaded_config, name) == getattr(model.config, name), name
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -115,8 +122,10 @@ def test_round_trip_keeps_the_dtype(tmp_path, dtype):
     assert loaded.model.retnet_rel_pos.angle.dtype in (torch.float32, torch.float64)
     for name in ("angle", "decay"):
         torch.testing.assert_close(
-            getattr(loaded.model.retnet_rel_pos, name).double(), getattr(model.model.retnet_rel_pos, name).double(),
-            atol=0, rtol=0,
+            getattr(loaded.model.retnet_rel_pos, name).double(),
+            getattr(model.model.retnet_rel_pos, name).double(),
+            atol=0,
+            rtol=0,
         )
     ids = sample_ids()
     with torch.no_grad():
@@ -191,7 +200,9 @@ def test_causal_lm_folder_loads_as_sequence_classifier(tmp_path):
 # 2. trust_remote_code in a process that cannot import retnet_hf
 # --------------------------------------------------------------------------------------------------------------
 
-REMOTE_CODE_SCRIPT = BLOCK_PACKAGE + """
+REMOTE_CODE_SCRIPT = (
+    BLOCK_PACKAGE
+    + """
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -226,6 +237,7 @@ assert "retnet_hf" not in [m.split(".")[0] for m in sys.modules if sys.modules[m
 torch.save(results, "results.pt")
 print("ok", transformers.__version__)
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +294,9 @@ def test_trust_remote_code_other_auto_classes_from_a_causal_lm_folder(remote_cod
 # 3. The same folder under transformers 4.48 (a separate interpreter, named by RETNET_TRANSFORMERS_448_PYTHON)
 # --------------------------------------------------------------------------------------------------------------
 
-TRANSFORMERS_448_SCRIPT = BLOCK_PACKAGE + """
+TRANSFORMERS_448_SCRIPT = (
+    BLOCK_PACKAGE
+    + """
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
@@ -353,6 +367,7 @@ for folder in ("tied", "untied"):
 torch.save(all_results, "results.pt")
 print("ok", transformers.__version__)
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +435,9 @@ def test_gradient_checkpointing_under_transformers_448(transformers_448_run, tie
     assert checkpointed.keys() == results["grads"].keys()
     for name, grad in results["grads"].items():
         assert checkpointed[name] is not None, name
-        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -507,10 +524,23 @@ def test_device_map_auto_on_cpu(four_layer_folder):
 @pytest.mark.parametrize(
     "device_map",
     [
-        {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
-         "model.layers.3": "disk", "model.layer_norm": "cpu", "model.retnet_rel_pos": "cpu", "lm_head": "disk"},
-        {"model.embed_tokens": "disk", "model.layers": "disk", "model.layer_norm": "disk",
-         "model.retnet_rel_pos": "disk", "lm_head": "cpu"},
+        {
+            "model.embed_tokens": "cpu",
+            "model.layers.0": "cpu",
+            "model.layers.1": "disk",
+            "model.layers.2": "cpu",
+            "model.layers.3": "disk",
+            "model.layer_norm": "cpu",
+            "model.retnet_rel_pos": "cpu",
+            "lm_head": "disk",
+        },
+        {
+            "model.embed_tokens": "disk",
+            "model.layers": "disk",
+            "model.layer_norm": "disk",
+            "model.retnet_rel_pos": "disk",
+            "lm_head": "cpu",
+        },
         "auto_small_memory",
     ],
     ids=["layers_alternate", "all_but_head_on_disk", "auto_max_memory"],
@@ -537,8 +567,16 @@ def test_disk_offload_same_logits_and_generate(four_layer_folder, tmp_path, devi
 @needs_accelerate
 @pytest.mark.parametrize(
     "device_map",
-    [{"model.embed_tokens": "cpu", "model.layers": "cpu", "model.layer_norm": "cpu", "model.retnet_rel_pos": "disk",
-      "lm_head": "cpu"}, {"": "disk"}],
+    [
+        {
+            "model.embed_tokens": "cpu",
+            "model.layers": "cpu",
+            "model.layer_norm": "cpu",
+            "model.retnet_rel_pos": "disk",
+            "lm_head": "cpu",
+        },
+        {"": "disk"},
+    ],
     ids=["rel_pos_on_disk", "everything_on_disk"],
 )
 def test_disk_offload_with_offloaded_buffers(four_layer_folder, tmp_path, device_map):
@@ -732,14 +770,19 @@ def test_coexists_with_flash_linear_attention(tmp_path):
     afterwards (the stand-in test above checks that "retnet" is unknown in this process)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    registries = [CONFIG_MAPPING._extra_content, AutoModel._model_mapping._extra_content,
-                  AutoModelForCausalLM._model_mapping._extra_content]
+    registries = [
+        CONFIG_MAPPING._extra_content,
+        AutoModel._model_mapping._extra_content,
+        AutoModelForCausalLM._model_mapping._extra_content,
+    ]
     saved_registries = [dict(registry) for registry in registries]
     try:
         import fla.models as fla_models
     except ImportError as error:
-        pytest.skip(f"flash-linear-attention is not importable here ({error}); pip install --no-deps "
-                    "flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0 einops (the README's set-up)")
+        pytest.skip(
+            f"flash-linear-attention is not importable here ({error}); pip install --no-deps "
+            "flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0 einops (the README's set-up)"
+        )
     try:
         check_coexistence_with_fla(fla_models, tmp_path)
     finally:  # fla's "retnet" registration must not leak into other tests (an `import fla` only registers once)
@@ -799,7 +842,8 @@ def test_fsdp_auto_wrap_policy_wraps_each_decoder_layer():
 
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_class})
     wrapped = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if policy(module=module, recurse=False, nonwrapped_numel=sum(p.numel() for p in module.parameters()))
     ]
     assert wrapped == [f"model.layers.{i}" for i in range(3)]
@@ -915,9 +959,12 @@ def parameter_grads(model, ids, labels):
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
     "method, use_reentrant, tied",
-    [("gradient_checkpointing_enable", False, False), ("gradient_checkpointing_enable", True, False),
-     ("gradient_checkpointing_enable", False, True),
-     ("activation_checkpointing_enable", None, False)],  # the name transformers 5.x prefers (absent from 4.x)
+    [
+        ("gradient_checkpointing_enable", False, False),
+        ("gradient_checkpointing_enable", True, False),
+        ("gradient_checkpointing_enable", False, True),
+        ("activation_checkpointing_enable", None, False),
+    ],  # the name transformers 5.x prefers (absent from 4.x)
     ids=["non_reentrant", "reentrant", "non_reentrant_tied", "activation_checkpointing_enable"],
 )
 def test_gradient_checkpointing_same_gradients(method, use_reentrant, tied):
@@ -933,6 +980,7 @@ def test_gradient_checkpointing_same_gradients(method, use_reentrant, tied):
     # checkpointed layer recomputes its class's forward, so the count is taken one module down)
     calls = []
     for layer in model.model.layers:
+
         def counted_forward(*args, _forward=layer.retention.forward, **kwargs):
             calls.append(1)
             return _forward(*args, **kwargs)

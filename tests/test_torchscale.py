@@ -100,9 +100,7 @@ def torchscale_parallel(decoder, tokens):
 def torchscale_recurrent(decoder, tokens):
     """torchscale's incremental decoding: the whole prefix each call, of which it embeds the last token."""
     incremental_state = {}
-    steps = [
-        decoder(tokens[:, : t + 1], incremental_state=incremental_state)[0][:, -1] for t in range(tokens.shape[1])
-    ]
+    steps = [decoder(tokens[:, : t + 1], incremental_state=incremental_state)[0][:, -1] for t in range(tokens.shape[1])]
     return torch.stack(steps, dim=1)
 
 

@@ -28,6 +28,7 @@ import transformers
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification, RetNetModel
 
+
 SDIST_ENV = "RETNET_TRANSFORMERS_SDIST"
 COMMON_FILES = ("test_modeling_common.py", "test_configuration_common.py")
 
@@ -95,13 +96,29 @@ def _sdist() -> Path:
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-             f"transformers=={version}", "-d", str(cache)],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"transformers=={version}",
+                "-d",
+                str(cache),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if result.returncode != 0 or not path.exists():
-            pytest.skip(f"could not download the transformers {version} sdist from the package index (set "
-                        f"{SDIST_ENV}): {result.stderr.strip()[-300:]}", allow_module_level=True)
+            pytest.skip(
+                f"could not download the transformers {version} sdist from the package index (set "
+                f"{SDIST_ENV}): {result.stderr.strip()[-300:]}",
+                allow_module_level=True,
+            )
     return path
 
 
@@ -139,8 +156,18 @@ class RetNetModelTester:
     """Tiny configs and inputs in the shape the common tests expect: a 7-token prompt over chunks of 4 tokens
     (the chunkwise form with a state handed across chunks), some rows left-padded."""
 
-    def __init__(self, parent, batch_size=3, seq_length=7, vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=37, is_training=True):
+    def __init__(
+        self,
+        parent,
+        batch_size=3,
+        seq_length=7,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        is_training=True,
+    ):
         self.parent = parent
         self.batch_size, self.seq_length, self.vocab_size = batch_size, seq_length, vocab_size
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
@@ -175,8 +202,7 @@ class RetNetModelTester:
 
 # Common tests that do not apply to RetNet, each with the reason.
 NOT_APPLICABLE = {
-    "test_generation_tester_mixin_inheritance":
-        "the sdist does not ship tests/generation; generate() is tested in tests/test_generation.py",
+    "test_generation_tester_mixin_inheritance": "the sdist does not ship tests/generation; generate() is tested in tests/test_generation.py",
 }
 
 
@@ -210,8 +236,13 @@ class RetNetModelTest(common.ModelTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model_tester = RetNetModelTester(self)
         self.config_tester = configuration_common.ConfigTester(
-            self, config_class=RetNetConfig, decoder_embed_dim=32, decoder_retention_heads=2, decoder_layers=2,
-            vocab_size=99, decoder_value_embed_dim=64,
+            self,
+            config_class=RetNetConfig,
+            decoder_embed_dim=32,
+            decoder_retention_heads=2,
+            decoder_layers=2,
+            vocab_size=99,
+            decoder_value_embed_dim=64,
         )
         name = self._testMethodName
         if name in NOT_APPLICABLE:

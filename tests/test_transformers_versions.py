@@ -35,6 +35,7 @@ from retnet_hf.modeling_retnet import GradientCheckpointingLayer, RetNetPreTrain
 
 from conftest import BLOCK_PACKAGE, TRANSFORMERS_448_ENV, cache_of, run_script, tiny_config, tiny_model
 
+
 CHUNKED_PREFILL = "prefill_chunk_size" in GenerationConfig().to_dict()  # transformers >= 5
 
 
@@ -139,14 +140,23 @@ def test_a_packed_row_from_cu_seq_lens_equals_position_ids():
     ids = prompt(batch=1, length=sum(lengths))
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     offsets = torch.tensor([0, 5, 12, 15], dtype=torch.int32)
-    packing = dict(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=7, max_length_k=7,
-                   seq_idx=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None])
+    packing = dict(
+        cu_seq_lens_q=offsets,
+        cu_seq_lens_k=offsets,
+        max_length_q=7,
+        max_length_k=7,
+        seq_idx=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None],
+    )
     reference = model(ids, position_ids=position_ids).logits
     assert not torch.allclose(reference, model(ids).logits)  # the boundaries matter
     torch.testing.assert_close(model(ids, **packing).logits, reference, rtol=0, atol=1e-12)
     torch.testing.assert_close(model(ids, position_ids=position_ids, **packing).logits, reference, rtol=0, atol=0)
-    torch.testing.assert_close(model.model(ids, **packing).last_hidden_state,
-                               model.model(ids, position_ids=position_ids).last_hidden_state, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        model.model(ids, **packing).last_hidden_state,
+        model.model(ids, position_ids=position_ids).last_hidden_state,
+        rtol=0,
+        atol=1e-12,
+    )
     with pytest.raises(ValueError, match="one flattened row"):
         model(prompt(batch=2, length=15), cu_seq_lens_q=offsets)
 
@@ -179,7 +189,8 @@ def test_generate_makes_no_key_value_cache(monkeypatch):
     assert model._supports_default_dynamic_cache() is False
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
     monkeypatch.setattr(
-        RetNetPreTrainedModel, "_supports_default_dynamic_cache",
+        RetNetPreTrainedModel,
+        "_supports_default_dynamic_cache",
         classmethod(lambda cls: GenerationMixin._supports_default_dynamic_cache.__func__(cls)),
     )
     with pytest.raises(TypeError, match="must be a RetNetCache"):
@@ -219,9 +230,17 @@ def test_no_deprecation_is_announced_in_ordinary_use(tmp_path):
         train_model = tiny_model()
         enable_activation_checkpointing(train_model)
         rows = [{"input_ids": row, "labels": row} for row in prompt(batch=4, length=12)]
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2, use_cpu=True, report_to=[], save_strategy="no",
-                                 disable_tqdm=True, **{ACTIVATION_CHECKPOINTING: True})
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            **{ACTIVATION_CHECKPOINTING: True},
+        )
         Trainer(model=train_model, args=args, train_dataset=rows).train()
     messages = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     messages = [m for m in messages if "torch.jit" not in m]  # torch's own, from imports
@@ -240,7 +259,9 @@ def test_decoder_layers_are_gradient_checkpointing_layers():
 # ------------------------------------------- 5. cached == uncached generation, as remote code, across versions
 
 # Runs in a child python without the package, on the folder's own code: the running transformers, and 4.48.
-GENERATION_SCRIPT = BLOCK_PACKAGE + """
+GENERATION_SCRIPT = (
+    BLOCK_PACKAGE
+    + """
 import json
 import torch
 import transformers
@@ -327,10 +348,21 @@ setattr(owner, "_supports_default_dynamic_cache", saved)
 json.dump(report, open("report.json", "w"))
 print("ok", transformers.__version__)
 """
+)
 
-MODES = ["greedy", "sampling", "sampling_num_return_sequences", "beam", "beam_num_return_sequences",
-         "repetition_penalty", "left_padded", "inputs_embeds", "chunked_prefill",
-         "continued_from_forward", "continued_from_generate"]
+MODES = [
+    "greedy",
+    "sampling",
+    "sampling_num_return_sequences",
+    "beam",
+    "beam_num_return_sequences",
+    "repetition_penalty",
+    "left_padded",
+    "inputs_embeds",
+    "chunked_prefill",
+    "continued_from_forward",
+    "continued_from_generate",
+]
 PYTHONS = {"running": lambda: sys.executable, "4.48": lambda: os.environ.get(TRANSFORMERS_448_ENV)}
 
 

@@ -12,12 +12,12 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_retnet import RetNetConfig
-from .modeling_retnet import (
+from .model import (
     ACTIVATION_CHECKPOINTING,
     CACHE_NAME,
     LORA_TARGET_MODULES,
     RetNetCache,
+    RetNetConfig,
     RetNetForCausalLM,
     RetNetForSequenceClassification,
     RetNetModel,
@@ -26,7 +26,7 @@ from .modeling_retnet import (
 )
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
 RetNetConfig.register_for_auto_class()

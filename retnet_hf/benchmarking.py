@@ -31,8 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .configuration_retnet import RetNetConfig
-from .modeling_retnet import CACHE_NAME, RetNetCache, RetNetForCausalLM, enable_activation_checkpointing
+from .model import CACHE_NAME, RetNetCache, RetNetConfig, RetNetForCausalLM, enable_activation_checkpointing
 
 
 MB = 1024**2

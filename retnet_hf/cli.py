@@ -119,7 +119,7 @@ def cmd_chat(args) -> None:
     """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
     import torch
 
-    from .modeling_retnet import CACHE_NAME
+    from .model import CACHE_NAME
 
     model, tokenizer = _load_for_inference(args.model)
     history = torch.empty(1, 0, dtype=torch.long, device=model.device)

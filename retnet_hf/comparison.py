@@ -79,8 +79,7 @@ class Comparison:
 
 
 def retnet_model(s: ComparisonSettings, vocab: int, tokenizer):
-    from .configuration_retnet import RetNetConfig
-    from .modeling_retnet import RetNetForCausalLM
+    from .model import RetNetConfig, RetNetForCausalLM
 
     config = RetNetConfig(
         vocab_size=vocab,

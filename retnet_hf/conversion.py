@@ -45,8 +45,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .configuration_retnet import RetNetConfig
-from .modeling_retnet import RetNetForCausalLM, RetNetRelPos
+from .model import RetNetConfig, RetNetForCausalLM
+from .model.modeling_retnet import RetNetRelPos
 
 
 SOURCE_FORMATS = ("torchscale", "syncdoth", "fla")

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .modeling_retnet import CACHE_NAME
+from .model import CACHE_NAME
 from .pretraining import pretrain
 
 

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .modeling_retnet import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
+from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
 from .pretraining import UsageError, plot_loss_curve, save_tokenizer
 
 

@@ -12,8 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, default_data_collator
 from transformers.trainer_callback import TrainerCallback
 
-from .configuration_retnet import RetNetConfig
-from .modeling_retnet import RetNetForCausalLM
+from .model import RetNetConfig, RetNetForCausalLM
 
 
 # Sizes: the paper's training presets (torchscale's fairseq example, key head dim 256) and small ones for CPUs.

@@ -30,6 +30,17 @@ def tiny_config(**overrides) -> RetNetConfig:
     return RetNetConfig(**fields)
 
 
+def random_ids(batch=2, length=11, seed=0, vocab=64, low=3) -> torch.Tensor:
+    """Token ids `[batch, length]` in `[low, vocab)` from a seeded generator; `low=3` keeps clear of the special ids
+    0 (pad), 1 (bos) and 2 (eos)."""
+    return torch.randint(low, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |x - reference| / max |reference|."""
+    return ((x - reference).abs().max() / reference.abs().max()).item()
+
+
 def tiny_model(dtype=torch.float32, seed=0, **overrides) -> RetNetForCausalLM:
     torch.manual_seed(seed)
     return RetNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
@@ -77,9 +88,30 @@ def import_torchscale():
     return package_import()
 
 
+# ----------------------------------------------------------------------------------------------- saved folders
+
+CODE_FILES = ("modeling_retnet.py", "configuration_retnet.py", "retention.py")
+
+
+def assert_same_state_dict(expected: dict, actual: dict):
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def assert_saved_folder(folder: Path):
+    files = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in files
+    assert not any(name.endswith(".bin") for name in files), files
+    for name in CODE_FILES:
+        assert name in files, f"{name} was not copied next to the weights: {sorted(files)}"
+
+
 # ------------------------------------------------------------------------ child processes without the package
 
 REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real text the project did not write (its README)
 # a python with transformers 4.48 (AutoTrain's pin), for the saved code's checks; CI makes that venv
 TRANSFORMERS_448_ENV = "RETNET_TRANSFORMERS_448_PYTHON"
 

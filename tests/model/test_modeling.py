@@ -12,14 +12,14 @@ from retnet_hf import (
     RetNetModel,
 )
 
-from conftest import cache_of, tiny_config, tiny_model
+from conftest import cache_of, random_ids, tiny_config, tiny_model
 
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
 
 
 def tokens(batch=2, length=19, seed=1, vocab=64):
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, length, seed, vocab)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -67,7 +67,7 @@ def test_config_field_chooses_the_form():
     model = tiny_model(torch.float64, retention_form="recurrent", recurrent_chunk_size=4)
     x = tokens(length=9)
     calls = []
-    import retnet_hf.modeling_retnet as modeling
+    import retnet_hf.model.modeling_retnet as modeling
 
     original = modeling.recurrent_retention
 

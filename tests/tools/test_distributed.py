@@ -9,7 +9,6 @@ with identical weights that differ from the initial ones and equal the saved mod
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO_ROOT, SHARED_DATA
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-ROOT = Path(__file__).resolve().parents[1]
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
 STEPS, BATCH, BLOCK = 6, 4, 32
 
 DRIVER = r'''
@@ -124,10 +125,10 @@ def launch(launcher, tmp_path, text_file, *extra, env_extra=None, timeout=240):
         "3e-3",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
     if launcher == "accelerate":
         command = [
-            shutil.which("accelerate") or "accelerate",
+            str(Path(sys.executable).parent / "accelerate"),  # this interpreter's, whether its venv is active or not
             "launch",
             "--multi_gpu",
             "--num_processes",
@@ -227,7 +228,7 @@ def test_fsdp_on_cpu_processes_says_it_needs_gpus(tmp_path, text_file):
         "2",
         "--fsdp",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "retnet-hf train: error: --fsdp needs GPUs" in run.stderr

@@ -26,10 +26,9 @@ from retnet_hf.hub import IncompleteFolderError, plan_upload, push_folder, uploa
 from retnet_hf.model_card import check_folder, write_model_card
 from retnet_hf.pretraining import UsageError, train_tokenizer
 
-from conftest import tiny_model
+from conftest import REPO_ROOT, tiny_model
 
 
-REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
 LINES = [
     "The quick brown fox jumps over the lazy dog.",
     "A retentive network keeps a state instead of attending to every past token.",

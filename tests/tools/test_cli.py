@@ -5,15 +5,16 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from retnet_hf.cli import main
 
+from conftest import SHARED_DATA
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")

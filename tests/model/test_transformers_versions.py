@@ -31,16 +31,16 @@ from retnet_hf import (
     RetNetModel,
     enable_activation_checkpointing,
 )
-from retnet_hf.modeling_retnet import GradientCheckpointingLayer, RetNetPreTrainedModel
+from retnet_hf.model.modeling_retnet import GradientCheckpointingLayer, RetNetPreTrainedModel
 
-from conftest import BLOCK_PACKAGE, TRANSFORMERS_448_ENV, cache_of, run_script, tiny_config, tiny_model
+from conftest import BLOCK_PACKAGE, TRANSFORMERS_448_ENV, cache_of, random_ids, run_script, tiny_config, tiny_model
 
 
 CHUNKED_PREFILL = "prefill_chunk_size" in GenerationConfig().to_dict()  # transformers >= 5
 
 
 def prompt(batch=2, length=7, seed=0):
-    return torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, length, seed)
 
 
 def model64():

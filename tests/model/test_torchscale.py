@@ -18,7 +18,7 @@ from torch import nn
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 
-from conftest import import_torchscale, logits_token_by_token
+from conftest import import_torchscale, logits_token_by_token, random_ids, relative_difference
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
@@ -30,10 +30,6 @@ VOCAB, DIM, VALUE_DIM, FFN_DIM, LAYERS, HEADS = 64, 32, 48, 64, 2, 2
 LENGTH = 19
 CHUNK = 5  # does not divide LENGTH: our chunkwise form gets a short last chunk
 TOLERANCE = 1e-5
-
-
-def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((x - reference).abs().max() / reference.abs().max()).item()
 
 
 def dims(**fields):
@@ -88,7 +84,7 @@ def build_ours(torchscale_decoder=None, chunk=CHUNK, **fields) -> RetNetForCausa
 
 
 def random_tokens(batch=2, length=LENGTH, seed=1):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, length, seed, VOCAB, low=0)
 
 
 @torch.no_grad()

@@ -20,10 +20,10 @@ from transformers import LlamaForCausalLM
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 from retnet_hf import benchmarking as bench
 
-from conftest import cache_of
+from conftest import REPO_ROOT, cache_of
 
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = REPO_ROOT / "scripts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

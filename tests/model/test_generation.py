@@ -24,7 +24,7 @@ from transformers.generation import BaseStreamer
 
 from retnet_hf import CACHE_NAME, RetNetCache
 
-from conftest import cache_of, tiny_model
+from conftest import cache_of, random_ids, tiny_model
 
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
@@ -35,9 +35,8 @@ TIGHT = dict(rtol=1e-10, atol=1e-10)
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def prompt(batch=1, length=7, seed=0, vocab=64):
-    """Random token ids `[batch, length]` above the special ids 0 (pad), 1 (bos) and 2 (eos)."""
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+def prompt(batch=1, length=7, seed=0):
+    return random_ids(batch, length, seed)
 
 
 def model64(**overrides):

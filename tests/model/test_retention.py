@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retnet_hf.retention import chunkwise_retention, parallel_retention, recurrent_retention
+from retnet_hf.model.retention import chunkwise_retention, parallel_retention, recurrent_retention
 
 
 def random_inputs(dtype, batch=2, heads=3, length=37, dk=8, dv=6, seed=0):

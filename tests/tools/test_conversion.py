@@ -27,23 +27,19 @@ import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
 from retnet_hf.conversion import ConversionError, convert_checkpoint
 
-from conftest import cache_of, import_torchscale, logits_token_by_token
+from conftest import REPO_ROOT, cache_of, import_torchscale, logits_token_by_token, random_ids, relative_difference
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
 
-REPO = Path(__file__).resolve().parents[1]
+
 VOCAB, DIM, VALUE_DIM, FFN_DIM, LAYERS, HEADS = 64, 32, 48, 64, 2, 2
 FORMS = ("parallel", "chunkwise", "recurrent")
 TOLERANCE = 1e-5  # torchscale computes its RMSNorms in float32 even in a float64 model
 
 
-def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((x - reference).abs().max() / reference.abs().max()).item()
-
-
 def tokens(batch=2, length=19, seed=1):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, length, seed, VOCAB, low=0)
 
 
 def load(folder, **kwargs):
@@ -666,7 +662,7 @@ def test_script_exits_2_with_a_message_on_a_bad_source(tmp_path, monkeypatch, ca
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps(FLA_CONFIG))
-    script = REPO / "scripts" / "convert_checkpoint.py"
+    script = REPO_ROOT / "scripts" / "convert_checkpoint.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--from", "fla", str(bad), str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")

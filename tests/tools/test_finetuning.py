@@ -8,7 +8,6 @@ import copy
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +36,10 @@ from retnet_hf.finetuning import (  # noqa: E402
 )
 from retnet_hf.pretraining import save_tokenizer, train_tokenizer  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from conftest import SHARED_DATA, tiny_config  # noqa: E402
 
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 PARQUET = DATA / "guanaco-llama2-1k.parquet"
 PROJECTIONS = set(LORA_TARGET_MODULES)
 WIDTHS = dict(decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_ffn_embed_dim=128)

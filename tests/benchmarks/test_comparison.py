@@ -4,19 +4,19 @@ import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 def load_script():
     spec = importlib.util.spec_from_file_location(
-        "compare_with_transformer", ROOT / "scripts" / "compare_with_transformer.py"
+        "compare_with_transformer", REPO_ROOT / "scripts" / "compare_with_transformer.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

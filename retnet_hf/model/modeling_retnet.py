@@ -1,0 +1,888 @@
+"""RetNet (Sun et al. 2023) as a transformers model, weight-compatible with Microsoft's torchscale `RetNetDecoder`.
+
+Parameter names follow torchscale under a `model.` prefix (`lm_head` is torchscale's `output_projection`), so a
+torchscale state dict loads by renaming alone. The retention math lives in `retention.py`; this file holds the
+modules, from the smallest part to the heads, and the recurrent cache.
+"""
+
+import math
+from functools import partial
+from typing import List, Optional, Tuple, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import is_torchdynamo_compiling
+
+from .configuration_retnet import RETENTION_FORMS, RetNetConfig
+from .retention import RetentionState, chunkwise_retention, parallel_retention, recurrent_retention
+
+
+# ---------------------------------------------------------------------------------------- transformers versions
+# This file runs under every transformers from 4.48 (AutoTrain's pin) to the newest release. What differs between
+# them is bridged here, and nowhere else.
+
+try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+try:  # transformers >= 4.52: the base class of decoder layers, which gradient checkpointing wraps
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers 4.48 sets `gradient_checkpointing` and `_gradient_checkpointing_func` on any module
+
+    class GradientCheckpointingLayer(nn.Module):
+        """A layer that runs under `_gradient_checkpointing_func` while checkpointing is on in training, as the
+        class of the same name in later transformers. Tensors that need gradients must be passed positionally."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: the forward argument that generate()
+# passes, the key of its model kwargs and the field of every output class. `CACHE_NAME` is the running version's
+# name; the forwards here take both names, and outputs are read with `getattr(outputs, CACHE_NAME)`.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# transformers 5.24 also renamed gradient checkpointing to activation checkpointing (`model.<name>_enable`,
+# `TrainingArguments(<name>=...)`); `ACTIVATION_CHECKPOINTING` is the running version's name.
+ACTIVATION_CHECKPOINTING = (
+    "activation_checkpointing"
+    if hasattr(PreTrainedModel, "activation_checkpointing_enable")
+    else "gradient_checkpointing"
+)
+
+
+def enable_activation_checkpointing(model: nn.Module, **checkpoint_kwargs) -> None:
+    """`model.activation_checkpointing_enable(...)` (`gradient_checkpointing_enable` before transformers 5.24);
+    `checkpoint_kwargs` go to `torch.utils.checkpoint.checkpoint` (`use_reentrant=False` if not given)."""
+    getattr(model, f"{ACTIVATION_CHECKPOINTING}_enable")(
+        **{f"{ACTIVATION_CHECKPOINTING}_kwargs": {"use_reentrant": False, **checkpoint_kwargs}}
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+ACTIVATION_FUNCTIONS = {"swish": F.silu, "gelu": F.gelu}
+
+# The eight projections of every layer, the default LoRA targets (PEFT has no entry for this model type).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "g_proj", "out_proj", "fc1", "gate", "fc2"]
+
+
+def deepnorm_init_gain(config: RetNetConfig) -> float:
+    """DeepNet's down-scaling (8N)^(-1/4) of v_proj, out_proj, fc1 and fc2 at initialisation; 1 without deepnorm."""
+    return math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
+
+
+class RetNetCache(Cache):
+    """The recurrent state of every layer and the number of tokens seen: RetNet's cache (`cache`, called
+    `past_key_values` before transformers 5.24).
+
+    Per layer the state is `(S [B, H, D, Dv], scale [B, H])` (see `retention.py`), kept in float32 (float64 for a
+    float64 model) whatever the model's dtype. Its size does not grow with the context. A state cannot be rolled
+    back, so `crop` raises.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        # transformers 5.x's Cache wants layer objects and 4.x's is an nn.Module: neither is needed here, so the
+        # base initialiser is skipped and this class keeps its own state.
+        self.states: List[Optional[RetentionState]] = [None] * num_layers
+        self.num_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __deepcopy__(self, memo) -> "RetNetCache":
+        """An independent copy (to return to this point later); the copy stays differentiable."""
+        copy = RetNetCache(len(self.states))
+        copy.states = [None if state is None else tuple(t.clone() for t in state) for state in self.states]
+        copy.num_tokens = self.num_tokens
+        return copy
+
+    def __repr__(self) -> str:
+        return f"RetNetCache(num_layers={len(self.states)}, num_tokens={self.num_tokens})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.num_tokens
+
+    @property
+    def is_linear(self) -> List[bool]:
+        """False for every layer, although retention is a linear attention. transformers (>= 5.24) takes a cache of
+        linear-attention layers for one that cannot count its tokens, and then feeds a continued prompt from its
+        start; this cache counts them, so generate() feeds only the tokens it has not seen, as with a KV cache."""
+        return [False] * len(self.states)
+
+    def get_max_length(self) -> Optional[int]:
+        return None
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def update_state(self, layer_idx: int, state: RetentionState) -> None:
+        self.states[layer_idx] = state
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        self.states = [
+            None if state is None else tuple(t.index_select(0, beam_idx.to(t.device)) for t in state)
+            for state in self.states
+        ]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states = [
+            None if state is None else tuple(t.repeat_interleave(repeats, dim=0) for t in state)
+            for state in self.states
+        ]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def reset(self) -> None:
+        self.states = [None] * len(self.states)
+        self.num_tokens = 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "A RetNet state cannot be rolled back to an earlier token (so assisted decoding and cache cropping are "
+            "not available); keep a copy of the cache (copy.deepcopy) from the point you want to return to."
+        )
+
+
+def recompute_in_backward(function, *args):
+    """`function(*args)`; with autograd on, only `args` are kept for the backward pass, which runs `function`
+    again. Used for the cheap element-wise parts of a layer (norms, rotation, retention, gates), so that a layer
+    keeps little more than its matrix-multiply inputs: training needs less memory than a Transformer's."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+class RetNetRMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps)` computed in float32, cast back, then times `weight` if it has one.
+
+    Shape: `[..., dim]` -> `[..., dim]`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float() if hidden_states.dtype != torch.float64 else hidden_states
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x.to(hidden_states.dtype)
+        return x if self.weight is None else x * self.weight
+
+
+class RetNetRelPos(nn.Module):
+    """Rotation angles and per-head decays, as torchscale's `RetNetRelPos` (its buffers, same names and values).
+
+    `angle` [D]: with `rotary_style="torchscale"`, theta_i = 10000^-(i / (D/2 - 1)), i < D/2, each repeated twice
+    (pairs (x_2i, x_2i+1) are rotated, GPT-J style); with `"neox"`, theta_i = 10000^-(2i / D) for the two halves
+    (x_i, x_i+D/2) are rotated, as in flash-linear-attention.
+    `decay` [H]: log(gamma_h) with gamma_h = 1 - 2^(-5-h).
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        heads = config.decoder_retention_heads
+        self.key_head_dim = config.decoder_embed_dim // heads
+        self.rotary_style = config.rotary_style
+        self.register_buffer("angle", torch.zeros(self.key_head_dim, dtype=torch.float32))
+        self.register_buffer("decay", torch.zeros(heads, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        half = self.key_head_dim // 2
+        if self.rotary_style == "neox":
+            theta = 1.0 / (10000 ** (torch.arange(0, self.key_head_dim, 2, dtype=torch.float) / self.key_head_dim))
+            angle = torch.cat([theta, theta])
+        else:
+            angle = (1.0 / (10000 ** torch.linspace(0, 1, half))).repeat_interleave(2)
+        decay = torch.log(1 - 2 ** (-5 - torch.arange(self.decay.shape[0], dtype=torch.float)))
+        with torch.no_grad():
+            self.angle.copy_(angle)
+            self.decay.copy_(decay)
+
+    def _apply(self, fn, recurse=True):
+        # A cast to half precision would round the angles, and position * angle would then be off by whole
+        # radians at long contexts: the buffers stay float32 (float64 is kept) whatever the model is cast to.
+        super()._apply(fn, recurse)
+        if self.angle.dtype in (torch.float16, torch.bfloat16):
+            self.angle, self.decay = self.angle.float(), self.decay.float()
+            self.reset_parameters()
+        return self
+
+    def forward(
+        self, start: int, length: int, dtype: torch.dtype
+    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`((cos, sin), log_decay)`: `cos`, `sin` of shape `[length, D]` for positions start .. start + length - 1,
+        in at least float32, and the per-head log decays `[H]` (returned here, not read from the buffer elsewhere,
+        so that accelerate's offloading hooks around this module apply)."""
+        dtype = torch.promote_types(dtype, torch.float32)
+        position = torch.arange(start, start + length, device=self.angle.device, dtype=dtype)
+        phase = position[:, None] * self.angle.to(dtype)[None, :]
+        return (phase.cos(), phase.sin()), self.decay
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """`x * cos + partner(x) * sin`, where the partner of (a, b) is (-b, a): pairs (x_2i, x_2i+1) for
+    `style="torchscale"`, halves (x_i, x_i+D/2) for `"neox"`. `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D]`."""
+    if style == "neox":
+        first, second = x.chunk(2, dim=-1)
+        partner = torch.cat((-second, first), dim=-1)
+    else:
+        pairs = x.unflatten(-1, (-1, 2))
+        partner = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + partner * sin
+
+
+class MultiScaleRetention(nn.Module):
+    """Multi-scale retention: per-head retention with its own decay, a group norm, and a swish gate.
+
+    `[B, T, d]` -> `[B, T, d]`, with the layer's recurrent state in and out.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d, dv, heads = config.decoder_embed_dim, config.decoder_value_embed_dim, config.decoder_retention_heads
+        self.num_heads = heads
+        self.key_head_dim = d // heads
+        self.value_head_dim = dv // heads
+        self.scaling = self.key_head_dim**-0.5
+        self.chunk_size = config.recurrent_chunk_size
+        self.rotary_style = config.rotary_style
+        self.retention_normalization = config.retention_normalization
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, dv, bias=False)
+        self.g_proj = nn.Linear(d, dv, bias=False)
+        self.out_proj = nn.Linear(dv, d, bias=False)
+        # torchscale's init (read by `_init_weights`): xavier_uniform with these gains, deepnorm's scaling included
+        deepnorm_gain = deepnorm_init_gain(config)
+        for proj, gain in (
+            (self.q_proj, 2**-2.5),
+            (self.k_proj, 2**-2.5),
+            (self.g_proj, 2**-2.5),
+            (self.v_proj, 2**-2.5 * deepnorm_gain),
+            (self.out_proj, 2**-1 * deepnorm_gain),
+        ):
+            proj.xavier_gain = gain
+        self.group_norm = RetNetRMSNorm(
+            self.value_head_dim, eps=config.layernorm_eps, elementwise_affine=config.group_norm_affine
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState] = None,
+        valid: Optional[torch.Tensor] = None,
+        resets: Optional[torch.Tensor] = None,
+        with_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
+        projections = (
+            self.q_proj(hidden_states),
+            self.k_proj(hidden_states),
+            self.v_proj(hidden_states),
+            self.g_proj(hidden_states),
+        )
+        # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates
+        out, state = recompute_in_backward(
+            self.retain, *projections, rotation, log_decay, form, state, valid, resets, with_state
+        )
+        return self.out_proj(out), state
+
+    def retain(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState],
+        valid: Optional[torch.Tensor],
+        resets: Optional[torch.Tensor],
+        with_state: bool,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
+        """From the projections `q`, `k` `[B, T, d]`, `v`, `g` `[B, T, dv]` to the gated, normalised retention
+        output `[B, T, dv]` (the input of `out_proj`), and the new state."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
+        k = (k * self.scaling).view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
+        cos, sin = rotation
+        q = rotate(q.to(cos.dtype), cos, sin, self.rotary_style)
+        k = rotate(k.to(cos.dtype), cos, sin, self.rotary_style)
+
+        normalize = self.retention_normalization
+        if form == "parallel":
+            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets, normalize, with_state)
+        elif form == "chunkwise":
+            out, state = chunkwise_retention(
+                q, k, v, log_decay, self.chunk_size, state, valid, resets, normalize, with_state
+            )
+        else:
+            out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets, normalize)
+
+        out = self.group_norm(out).to(g.dtype)  # [B, H, T, Dv]
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
+        return F.silu(g) * out, state
+
+
+class RetNetGLU(nn.Module):
+    """Gated feed-forward block `fc2(act(fc1(x)) * gate(x))`, the activation in float32 at least.
+
+    `[B, T, d]` -> `[B, T, d]`.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d, f = config.decoder_embed_dim, config.decoder_ffn_embed_dim
+        self.activation_fn = ACTIVATION_FUNCTIONS[config.activation_fn]
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.fc1 = nn.Linear(d, f, bias=False)
+        self.gate = nn.Linear(d, f, bias=False)
+        self.fc2 = nn.Linear(f, d, bias=False)
+        # nn.Linear's default init, uniform(+-gain/sqrt(fan_in)), fc1 and fc2 scaled down under deepnorm
+        self.fc1.uniform_gain = self.fc2.uniform_gain = deepnorm_init_gain(config)
+        self.gate.uniform_gain = 1.0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = recompute_in_backward(self.gated, self.fc1(hidden_states), self.gate(hidden_states))
+        return self.fc2(self.activation_dropout(x))
+
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`act(x) * gate`, the activation in float32 at least; `[B, T, f]` twice -> `[B, T, f]`."""
+        return self.activation_fn(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype) * gate
+
+
+class RetNetDecoderLayer(GradientCheckpointingLayer):
+    """Retention then the gated feed-forward block, each in a residual branch.
+
+    Pre-norm (the default): `x = alpha x + MSR(norm(x))`, then `x = alpha x + GLU(norm(x))`. Post-norm
+    (`decoder_normalize_before=False`, which deepnorm implies, as in torchscale): `x = norm(alpha x + MSR(x))`,
+    then `x = norm(alpha x + GLU(x))`. alpha = (2N)^(1/4) with deepnorm, else 1.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d = config.decoder_embed_dim
+        self.retention = MultiScaleRetention(config)
+        self.retention_layer_norm = RetNetRMSNorm(d, eps=config.layernorm_eps)
+        self.ffn = RetNetGLU(config)
+        self.final_layer_norm = RetNetRMSNorm(d, eps=config.layernorm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.normalize_before = config.decoder_normalize_before
+        self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        form: str,
+        state: Optional[RetentionState] = None,
+        valid: Optional[torch.Tensor] = None,
+        resets: Optional[torch.Tensor] = None,
+        with_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
+        """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
+        if self.normalize_before:
+            normed = recompute_in_backward(self.retention_layer_norm, hidden_states)
+            mixed, state = self.retention(normed, rotation, log_decay, form, state, valid, resets, with_state)
+            hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+            normed = recompute_in_backward(self.final_layer_norm, hidden_states)
+            return hidden_states * self.alpha + self.dropout(self.ffn(normed)), state
+        mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets, with_state)
+        hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+        hidden_states = recompute_in_backward(self.retention_layer_norm, hidden_states)
+        hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))
+        return recompute_in_backward(self.final_layer_norm, hidden_states), state
+
+
+class RetNetPackingKwargs(TypedDict, total=False):
+    """A packed row's document boundaries in flash-attention's varlen form, which TRL's padding-free collator sends
+    beside `position_ids`. `cu_seq_lens_q` (`[D + 1]`, the offsets of the D documents of one flattened row) gives
+    the document starts when `position_ids` is not given; the others say the same again and are not needed."""
+
+    cu_seq_lens_q: torch.Tensor
+    cu_seq_lens_k: torch.Tensor
+    max_length_q: int
+    max_length_k: int
+    seq_idx: torch.Tensor
+
+
+class RetNetLossKwargs(TypedDict, total=False):
+    """Passed on to transformers' loss function."""
+
+    num_items_in_batch: Union[int, torch.Tensor]  # tokens in the whole accumulated batch (Trainer)
+    ignore_index: int
+    shift_labels: torch.Tensor
+
+
+class RetNetKwargs(RetNetPackingKwargs, RetNetLossKwargs):
+    """The keyword arguments the forwards with a head take beyond their named ones."""
+
+
+# generate() hands some of its own arguments on to forward: `tokenizer` and `assistant_tokenizer` (transformers 5,
+# for `stop_strings`), `cache_position` (transformers 4; positions here come from the cache). They are dropped.
+GENERATE_ARGUMENTS_FOR_NO_MODEL = ("tokenizer", "assistant_tokenizer", "cache_position")
+
+
+def _split_kwargs(kwargs: dict, *kinds: type) -> List[dict]:
+    """`kwargs` sorted into one dict per TypedDict of `kinds`; a key none of them declares is a TypeError naming it."""
+    kwargs = {key: value for key, value in kwargs.items() if key not in GENERATE_ARGUMENTS_FOR_NO_MODEL}
+    known = [name for kind in kinds for name in kind.__annotations__]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise TypeError(
+            f"RetNet's forward got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; beyond the named "
+            f"arguments of its signature it takes {', '.join(known)}."
+        )
+    return [{key: kwargs[key] for key in kind.__annotations__ if key in kwargs} for kind in kinds]
+
+
+def _one_cache(cache: Optional[RetNetCache], past_key_values: Optional[RetNetCache]) -> Optional[RetNetCache]:
+    """The state, passed as `cache` or as `past_key_values` (its name before transformers 5.24)."""
+    if past_key_values is None or past_key_values is cache:
+        return cache
+    if cache is not None:
+        raise ValueError(
+            "Both `cache` and `past_key_values` were given, as two different objects; they are two names of the "
+            "same argument (`past_key_values` before transformers 5.24): pass the state once, as `cache`."
+        )
+    return past_key_values
+
+
+def _refuse_attentions(output_attentions: Optional[bool]) -> None:
+    if output_attentions:
+        raise ValueError(
+            "RetNet has no attention weights to return (retention is computed without a softmax over positions); "
+            "call it with output_attentions=False or None."
+        )
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetDecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _keep_in_fp32_modules_strict = ["retnet_rel_pos"]  # angles and decays stay float32 under bf16 and fp16
+    _is_stateful = True
+    _supports_cache_class = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' `save_pretrained`; `auto_map` names every RetNet Auto class, so that a causal-LM folder
+        also loads as `AutoModel` or `AutoModelForSequenceClassification` with `trust_remote_code=True`."""
+        if getattr(self, "_auto_class", None) is None:
+            # transformers 4.x does not mark a class loaded with trust_remote_code for saving its code
+            self._auto_class = {
+                "RetNetModel": "AutoModel",
+                "RetNetForCausalLM": "AutoModelForCausalLM",
+                "RetNetForSequenceClassification": "AutoModelForSequenceClassification",
+            }.get(type(self).__name__)
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_retnet.RetNetConfig",
+            "AutoModel": "modeling_retnet.RetNetModel",
+            "AutoModelForCausalLM": "modeling_retnet.RetNetForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_retnet.RetNetForSequenceClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own RetNetCache
+
+    def _init_weights(self, module: nn.Module):
+        """torchscale's initialisation (its repository HEAD), deepnorm's down-scaling included."""
+        std = self.config.decoder_embed_dim**-0.5
+        if isinstance(module, nn.Linear) and hasattr(module, "xavier_gain"):
+            init.xavier_uniform_(module.weight, gain=module.xavier_gain)
+        elif isinstance(module, nn.Linear) and hasattr(module, "uniform_gain"):
+            bound = module.uniform_gain / math.sqrt(module.in_features)
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.Linear):  # the heads: lm_head (torchscale's output_projection), score
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
+            init.ones_(module.weight)
+        elif isinstance(module, RetNetRelPos):
+            module.reset_parameters()
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """The RetNet decoder without a head: embeddings, N layers, a final RMSNorm.
+
+    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and a `RetNetCache`.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
+        self.layernorm_embedding = (
+            RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps) if config.layernorm_embedding else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layer_norm = (
+            RetNetRMSNorm(config.decoder_embed_dim, eps=config.layernorm_eps)
+            if config.decoder_normalize_before
+            else None
+        )
+        self.retnet_rel_pos = RetNetRelPos(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    def _choose_form(self, form: Optional[str], length: int) -> str:
+        form = form or self.config.retention_form
+        if form not in RETENTION_FORMS:
+            raise ValueError(f"retention_form={form!r}; allowed: {', '.join(RETENTION_FORMS)}.")
+        if form == "auto":
+            return "recurrent" if length == 1 else "chunkwise"
+        return form
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        retention_form: Optional[str] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetPackingKwargs],
+    ) -> Union[Tuple, BaseModelOutputWithPast]:
+        """
+        Args:
+            input_ids (`[B, T]`): token ids; or `inputs_embeds` (`[B, T, d]`), not both.
+            attention_mask (`[B, T]` or `[B, past + T]`): 0 marks padding, which contributes nothing to the state.
+            position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
+                tokens starts a new document (packed rows), and the state before it is discarded. Rotations and
+                decays are relative, so they are taken from the token count.
+            cache (`RetNetCache`): the state to continue from; updated in place and returned.
+            retention_form (`str`): override `config.retention_form` for this call.
+            past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
+            output_attentions: RetNet has no attention weights; only None or False is accepted.
+            kwargs: `RetNetPackingKwargs` (document boundaries of a packed row, as TRL's padding-free collator sends).
+        Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and the cache in its field named
+        `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
+        """
+        (packing,) = _split_kwargs(kwargs, RetNetPackingKwargs)
+        cache = _one_cache(cache, past_key_values)
+        _refuse_attentions(output_attentions)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # a checkpointed layer runs twice; the state must be written once
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids ([batch, length]) and inputs_embeds ([batch, length, d]).")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.decoder_embed_dim:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {self.config.decoder_embed_dim}], "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        batch, length = inputs_embeds.shape[:2]
+        if length == 0:
+            raise ValueError("The input has no tokens (length 0).")
+
+        if cache is not None and not isinstance(cache, RetNetCache):
+            raise TypeError(f"cache must be a RetNetCache (as returned by this model), got {type(cache)}.")
+        if use_cache and cache is None:
+            cache = RetNetCache(self.config.decoder_layers)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        has_state = cache is not None and cache.states[0] is not None
+        if has_state and cache.states[0][0].shape[0] != batch:
+            raise ValueError(
+                f"The cache holds a batch of {cache.states[0][0].shape[0]} rows but the input has {batch}; pass a "
+                "cache made for this batch."
+            )
+
+        valid = self._valid_tokens(attention_mask, batch, length, past_length)
+        resets = self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state)
+        form = self._choose_form(retention_form, length)
+
+        hidden_states = inputs_embeds * self.embed_scale
+        if self.layernorm_embedding is not None:
+            hidden_states = self.layernorm_embedding(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+
+        rotation, log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
+        all_hidden_states = () if output_hidden_states else None
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            state = cache.states[idx] if has_state else None
+            hidden_states, state = layer(hidden_states, rotation, log_decay, form, state, valid, resets, use_cache)
+            if use_cache:
+                cache.update_state(idx, state)
+        if use_cache:
+            cache.num_tokens += length
+
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
+        )
+
+    @staticmethod
+    def _valid_tokens(attention_mask, batch, length, past_length) -> Optional[torch.Tensor]:
+        """The mask columns of the current tokens as bool `[B, T]`, or None when every token is real."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"attention_mask must be 2D [batch, length] with batch {batch}, got {tuple(attention_mask.shape)}."
+            )
+        if attention_mask.shape[1] not in (length, past_length + length):
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (the new tokens) or "
+                f"{past_length + length} (the cached and the new tokens)."
+            )
+        valid = attention_mask[:, -length:].bool()
+        # (under torch.compile / torch.export the mask is kept: a branch on tensor values would break the graph)
+        return valid if is_torchdynamo_compiling() or not valid.all() else None
+
+    @staticmethod
+    def _document_starts(position_ids, cu_seq_lens, batch, length, has_state) -> Optional[torch.Tensor]:
+        """Bool `[B, T]` marking tokens at position 0 (or, without `position_ids`, at the document offsets
+        `cu_seq_lens` of one packed row) that discard the state before them; None if there are none."""
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids must have shape [{batch} or 1, {length}], got {tuple(position_ids.shape)}."
+                )
+            resets = (position_ids == 0).expand(batch, length)
+        elif cu_seq_lens is not None:
+            if batch != 1 or cu_seq_lens.dim() != 1:
+                raise ValueError(
+                    f"cu_seq_lens_q ({tuple(cu_seq_lens.shape)}) describes the documents of one flattened row; the "
+                    f"input has {batch} rows. Pass position_ids restarting at 0 per document instead."
+                )
+            starts = cu_seq_lens[:-1].long()
+            resets = torch.zeros(1, length, dtype=torch.bool, device=starts.device).index_fill_(1, starts, True)
+        else:
+            return None
+        if not has_state:
+            resets = torch.cat([torch.zeros_like(resets[:, :1]), resets[:, 1:]], dim=1)
+        return resets if is_torchdynamo_compiling() or resets.any() else None
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNet with a language-modelling head (`lm_head`, torchscale's `output_projection`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """Give generate() a fresh RetNetCache up front (chunked prefill needs one); the base class would not."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = RetNetCache(self.config.decoder_layers)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        retention_form: Optional[str] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetKwargs],
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        """
+        labels (`[B, T]`): next-token targets (shifted inside), -100 ignored.
+        logits_to_keep (`int` or 1D tensor): compute logits for the last `logits_to_keep` positions only (0: all),
+            or for the given positions.
+        kwargs: `RetNetKwargs`: document boundaries of a packed row (to the backbone) and loss arguments.
+        Returns `CausalLMOutputWithPast` with `logits` `[B, T', V]`. Other arguments as `RetNetModel.forward`.
+        """
+        packing, loss_kwargs = _split_kwargs(kwargs, RetNetPackingKwargs, RetNetLossKwargs)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_one_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            retention_form=retention_form,
+            output_attentions=output_attentions,
+            **packing,
+        )
+        cache = getattr(outputs, CACHE_NAME)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (cache, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache}
+        )
+
+
+class RetNetForSequenceClassification(RetNetPreTrainedModel):
+    """RetNet with a linear head `score` on the last real token (the last one before padding) of each row."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RetNetModel(config)
+        self.score = nn.Linear(config.decoder_embed_dim, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[RetNetCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs: Unpack[RetNetKwargs],
+    ) -> Union[Tuple, SequenceClassifierOutputWithPast]:
+        """Returns `SequenceClassifierOutputWithPast` with `logits` `[B, num_labels]`; `labels` `[B]` give the loss.
+        Arguments as `RetNetForCausalLM.forward`."""
+        packing, loss_kwargs = _split_kwargs(kwargs, RetNetPackingKwargs, RetNetLossKwargs)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_one_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            output_attentions=output_attentions,
+            **packing,
+        )
+        cache = getattr(outputs, CACHE_NAME)
+        logits = self.score(outputs.last_hidden_state)
+        batch, length = logits.shape[:2]
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(logits.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = torch.ones(batch, length, dtype=torch.bool, device=logits.device)
+        positions = torch.arange(length, device=logits.device)
+        last = (positions * real).argmax(-1)
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config, **loss_kwargs
+            )
+        if not return_dict:
+            output = (pooled_logits,) + tuple(v for v in (cache, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache}
+        )
+
+
+__all__ = [
+    "ACTIVATION_CHECKPOINTING",
+    "CACHE_NAME",
+    "LORA_TARGET_MODULES",
+    "RetNetCache",
+    "RetNetForCausalLM",
+    "RetNetForSequenceClassification",
+    "RetNetModel",
+    "RetNetPreTrainedModel",
+    "enable_activation_checkpointing",
+]

@@ -6,6 +6,7 @@ modules, from the smallest part to the heads, and the recurrent cache.
 """
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional, Tuple, TypedDict, Union
 
@@ -24,7 +25,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_retnet import RETENTION_FORMS, RetNetConfig
-from .retention import RetentionState, chunkwise_retention, parallel_retention, recurrent_retention
+from .retention import RETENTION_FUNCTIONS, RetentionState
 
 
 # ---------------------------------------------------------------------------------------- transformers versions
@@ -254,6 +255,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) ->
     return x * cos + partner * sin
 
 
+@dataclass(frozen=True)
+class RetentionInputs:
+    """What every layer of one forward call shares, made once by `RetNetModel.forward`.
+
+    rotation: `(cos, sin)`, each `[T, D]`, for the positions of this call's tokens (at least float32).
+    log_decay: `[H]`, log(gamma_h).
+    form: `"parallel"`, `"chunkwise"` or `"recurrent"`.
+    valid: bool `[B, T]`, False at padding; None when every token is real.
+    resets: bool `[B, T]`, True where a document starts and the state before it is discarded; None if none.
+    output_final_state: whether the layers return their new state (False in training without a cache).
+    """
+
+    rotation: Tuple[torch.Tensor, torch.Tensor]
+    log_decay: torch.Tensor
+    form: str
+    valid: Optional[torch.Tensor] = None
+    resets: Optional[torch.Tensor] = None
+    output_final_state: bool = True
+
+
 class MultiScaleRetention(nn.Module):
     """Multi-scale retention: per-head retention with its own decay, a group norm, and a swish gate.
 
@@ -267,7 +288,10 @@ class MultiScaleRetention(nn.Module):
         self.key_head_dim = d // heads
         self.value_head_dim = dv // heads
         self.scaling = self.key_head_dim**-0.5
-        self.chunk_size = config.recurrent_chunk_size
+        self.retention_functions = dict(
+            RETENTION_FUNCTIONS,
+            chunkwise=partial(RETENTION_FUNCTIONS["chunkwise"], chunk_size=config.recurrent_chunk_size),
+        )
         self.rotary_style = config.rotary_style
         self.retention_normalization = config.retention_normalization
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -290,16 +314,9 @@ class MultiScaleRetention(nn.Module):
         )
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotation: Tuple[torch.Tensor, torch.Tensor],
-        log_decay: torch.Tensor,
-        form: str,
-        state: Optional[RetentionState] = None,
-        valid: Optional[torch.Tensor] = None,
-        resets: Optional[torch.Tensor] = None,
-        with_state: bool = True,
+        self, hidden_states: torch.Tensor, inputs: RetentionInputs, state: Optional[RetentionState] = None
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
+        """`hidden_states` `[B, T, d]` and the state before them -> `([B, T, d], the state after them)`."""
         projections = (
             self.q_proj(hidden_states),
             self.k_proj(hidden_states),
@@ -307,9 +324,7 @@ class MultiScaleRetention(nn.Module):
             self.g_proj(hidden_states),
         )
         # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates
-        out, state = recompute_in_backward(
-            self.retain, *projections, rotation, log_decay, form, state, valid, resets, with_state
-        )
+        out, state = recompute_in_backward(self.retain, *projections, inputs, state)
         return self.out_proj(out), state
 
     def retain(
@@ -318,13 +333,8 @@ class MultiScaleRetention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         g: torch.Tensor,
-        rotation: Tuple[torch.Tensor, torch.Tensor],
-        log_decay: torch.Tensor,
-        form: str,
+        inputs: RetentionInputs,
         state: Optional[RetentionState],
-        valid: Optional[torch.Tensor],
-        resets: Optional[torch.Tensor],
-        with_state: bool,
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
         """From the projections `q`, `k` `[B, T, d]`, `v`, `g` `[B, T, dv]` to the gated, normalised retention
         output `[B, T, dv]` (the input of `out_proj`), and the new state."""
@@ -332,19 +342,20 @@ class MultiScaleRetention(nn.Module):
         q = q.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         k = (k * self.scaling).view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
-        cos, sin = rotation
+        cos, sin = inputs.rotation
         q = rotate(q.to(cos.dtype), cos, sin, self.rotary_style)
         k = rotate(k.to(cos.dtype), cos, sin, self.rotary_style)
-
-        normalize = self.retention_normalization
-        if form == "parallel":
-            out, state = parallel_retention(q, k, v, log_decay, state, valid, resets, normalize, with_state)
-        elif form == "chunkwise":
-            out, state = chunkwise_retention(
-                q, k, v, log_decay, self.chunk_size, state, valid, resets, normalize, with_state
-            )
-        else:
-            out, state = recurrent_retention(q, k, v, log_decay, state, valid, resets, normalize)
+        out, state = self.retention_functions[inputs.form](
+            q,
+            k,
+            v,
+            log_decay=inputs.log_decay,
+            initial_state=state,
+            output_final_state=inputs.output_final_state,
+            valid=inputs.valid,
+            resets=inputs.resets,
+            normalize=self.retention_normalization,
+        )
 
         out = self.group_norm(out).to(g.dtype)  # [B, H, T, Dv]
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
@@ -398,24 +409,16 @@ class RetNetDecoderLayer(GradientCheckpointingLayer):
         self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotation: Tuple[torch.Tensor, torch.Tensor],
-        log_decay: torch.Tensor,
-        form: str,
-        state: Optional[RetentionState] = None,
-        valid: Optional[torch.Tensor] = None,
-        resets: Optional[torch.Tensor] = None,
-        with_state: bool = True,
+        self, hidden_states: torch.Tensor, inputs: RetentionInputs, state: Optional[RetentionState] = None
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-        """`hidden_states` `[B, T, d]` -> `([B, T, d], new state)`."""
+        """`hidden_states` `[B, T, d]` and the layer's state -> `([B, T, d], new state)`."""
         if self.normalize_before:
             normed = recompute_in_backward(self.retention_layer_norm, hidden_states)
-            mixed, state = self.retention(normed, rotation, log_decay, form, state, valid, resets, with_state)
+            mixed, state = self.retention(normed, inputs, state)
             hidden_states = hidden_states * self.alpha + self.dropout(mixed)
             normed = recompute_in_backward(self.final_layer_norm, hidden_states)
             return hidden_states * self.alpha + self.dropout(self.ffn(normed)), state
-        mixed, state = self.retention(hidden_states, rotation, log_decay, form, state, valid, resets, with_state)
+        mixed, state = self.retention(hidden_states, inputs, state)
         hidden_states = hidden_states * self.alpha + self.dropout(mixed)
         hidden_states = recompute_in_backward(self.retention_layer_norm, hidden_states)
         hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))
@@ -606,16 +609,49 @@ class RetNetModel(RetNetPreTrainedModel):
         `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
         """
         (packing,) = _split_kwargs(kwargs, RetNetPackingKwargs)
-        cache = _one_cache(cache, past_key_values)
         _refuse_attentions(output_attentions)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.gradient_checkpointing and self.training and use_cache:
+        if self.gradient_checkpointing and self.training:
             use_cache = False  # a checkpointed layer runs twice; the state must be written once
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        batch, length = hidden_states.shape[:2]
+        cache = self._cache_for(_one_cache(cache, past_key_values), use_cache, batch)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        has_state = cache is not None and cache.states[0] is not None
 
+        rotation, log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
+        inputs = RetentionInputs(
+            rotation=rotation,
+            log_decay=log_decay,
+            form=self._choose_form(retention_form, length),
+            valid=self._valid_tokens(attention_mask, batch, length, past_length),
+            resets=self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state),
+            output_final_state=use_cache,
+        )
+        all_hidden_states = []
+        for idx, layer in enumerate(self.layers):
+            all_hidden_states.append(hidden_states)
+            hidden_states, state = layer(hidden_states, inputs, cache.states[idx] if has_state else None)
+            if use_cache:
+                cache.update_state(idx, state)  # the one place the cache is written
+        if use_cache:
+            cache.num_tokens += length
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        all_hidden_states.append(hidden_states)
+
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        all_hidden_states = tuple(all_hidden_states) if output_hidden_states else None
+        cache = cache if use_cache else None
+        if not (return_dict if return_dict is not None else self.config.return_dict):
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
+        )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """The scaled (and normalised) embeddings `[B, T, d]` of `input_ids` or of `inputs_embeds`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids ([batch, length]) and inputs_embeds ([batch, length, d]).")
         if inputs_embeds is None:
@@ -627,53 +663,25 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"inputs_embeds must have shape [batch, length, {self.config.decoder_embed_dim}], "
                 f"got {tuple(inputs_embeds.shape)}."
             )
-        batch, length = inputs_embeds.shape[:2]
-        if length == 0:
+        if inputs_embeds.shape[1] == 0:
             raise ValueError("The input has no tokens (length 0).")
+        hidden_states = inputs_embeds * self.embed_scale
+        if self.layernorm_embedding is not None:
+            hidden_states = self.layernorm_embedding(hidden_states)
+        return self.dropout(hidden_states)
 
+    def _cache_for(self, cache: Optional[RetNetCache], use_cache: bool, batch: int) -> Optional[RetNetCache]:
+        """The cache to read (and, with `use_cache`, to write): the one given, checked, or a new one."""
         if cache is not None and not isinstance(cache, RetNetCache):
             raise TypeError(f"cache must be a RetNetCache (as returned by this model), got {type(cache)}.")
-        if use_cache and cache is None:
-            cache = RetNetCache(self.config.decoder_layers)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        has_state = cache is not None and cache.states[0] is not None
-        if has_state and cache.states[0][0].shape[0] != batch:
+        if cache is None:
+            return RetNetCache(self.config.decoder_layers) if use_cache else None
+        if cache.states[0] is not None and cache.states[0][0].shape[0] != batch:
             raise ValueError(
                 f"The cache holds a batch of {cache.states[0][0].shape[0]} rows but the input has {batch}; pass a "
                 "cache made for this batch."
             )
-
-        valid = self._valid_tokens(attention_mask, batch, length, past_length)
-        resets = self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state)
-        form = self._choose_form(retention_form, length)
-
-        hidden_states = inputs_embeds * self.embed_scale
-        if self.layernorm_embedding is not None:
-            hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = self.dropout(hidden_states)
-
-        rotation, log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
-        all_hidden_states = () if output_hidden_states else None
-        for idx, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            state = cache.states[idx] if has_state else None
-            hidden_states, state = layer(hidden_states, rotation, log_decay, form, state, valid, resets, use_cache)
-            if use_cache:
-                cache.update_state(idx, state)
-        if use_cache:
-            cache.num_tokens += length
-
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        cache = cache if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
-        )
+        return cache
 
     @staticmethod
     def _valid_tokens(attention_mask, batch, length, past_length) -> Optional[torch.Tensor]:

@@ -19,6 +19,8 @@ The state after token ``n`` is ``(S_n, scale_n)`` with::
 
 so that ``o_n = q_n S_n``; this is torchscale's recurrent state (transposed to key-major).
 
+Every form is called ``form(q, k, v, *, log_decay, initial_state=None, output_final_state=True, valid=None,
+resets=None, normalize=True)`` (flash-linear-attention's names; the chunkwise form also takes ``chunk_size``).
 Shapes: ``q``, ``k`` are ``[B, H, T, Dk]``, ``v`` is ``[B, H, T, Dv]``, ``log_decay`` is ``[H]``; a state is
 ``(S [B, H, Dk, Dv], scale [B, H])``. Optional ``valid`` ``[B, T]`` (bool) marks real tokens; optional
 ``resets`` ``[B, T]`` (bool) marks the first token of a document: the state before it is discarded, so
@@ -68,12 +70,13 @@ def parallel_retention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     log_decay: torch.Tensor,
-    state: Optional[RetentionState] = None,
+    initial_state: Optional[RetentionState] = None,
+    output_final_state: bool = True,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-    with_state: bool = True,
     decay: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """All positions at once, with a ``[T, T]`` decay matrix per head::
@@ -82,7 +85,7 @@ def parallel_retention(
 
     where ``D[n, m] = gamma^(n-m) w_m [m <= n, same document]`` and ``S_0'`` is the incoming state
     unnormalised (it reaches only the tokens before the first reset). Cost O(T^2) time and memory.
-    ``with_state=False`` skips the final state (returns None in its place), which training does not need;
+    ``output_final_state=False`` skips the final state (returns None in its place), which training does not need;
     ``decay`` may pass ``decay_matrix(log_decay, n)`` for some ``n >= T``, computed once for many calls.
     """
     batch, heads, length, dk = q.shape
@@ -101,7 +104,7 @@ def parallel_retention(
     out = (q @ k.transpose(-1, -2) * mask) @ v
     scale = mask.sum(-1).expand(batch, heads, length)  # [B, H, T]
 
-    s_raw, scale_in = _unnormalized(state, batch, heads, dk, dv, dtype, q.device)
+    s_raw, scale_in = _unnormalized(initial_state, batch, heads, dk, dv, dtype, q.device)
     position = torch.arange(1, length + 1, device=q.device, dtype=dtype)
     carry = torch.exp(log_decay[:, None] * position)[None].expand(batch, heads, length)  # gamma^(n+1)
     if resets is not None:
@@ -111,7 +114,7 @@ def parallel_retention(
     if normalize:
         out = out / scale.clamp(min=1).sqrt()[..., None]
 
-    if not with_state:
+    if not output_final_state:
         return out, None
     last_row = mask[:, :, -1, :].expand(batch, heads, length)  # weight of every token in the final state
     s_raw = (k * last_row[..., None]).transpose(-1, -2) @ v + carry[..., -1, None, None] * s_raw
@@ -122,13 +125,14 @@ def chunkwise_retention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     log_decay: torch.Tensor,
     chunk_size: int,
-    state: Optional[RetentionState] = None,
+    initial_state: Optional[RetentionState] = None,
+    output_final_state: bool = True,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-    with_state: bool = True,
 ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """The parallel form inside chunks of ``chunk_size`` tokens, the state carried across chunks::
 
@@ -141,19 +145,19 @@ def chunkwise_retention(
     # split, not slicing: the backward of a slice writes into a zero tensor of the full length, once per chunk
     q, k, v = (x.split(chunk_size, dim=2) for x in (q, k, v))
     valid, resets = ([None] * len(q) if x is None else x.split(chunk_size, dim=1) for x in (valid, resets))
-    outputs = []
+    outputs, state = [], initial_state
     for index in range(len(q)):
         out, state = parallel_retention(
             q[index],
             k[index],
             v[index],
-            log_decay,
-            state,
-            valid[index],
-            resets[index],
-            normalize,
-            with_state or index < len(q) - 1,
-            decay,
+            log_decay=log_decay,
+            initial_state=state,
+            output_final_state=output_final_state or index < len(q) - 1,
+            valid=valid[index],
+            resets=resets[index],
+            normalize=normalize,
+            decay=decay,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
@@ -163,12 +167,14 @@ def recurrent_retention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     log_decay: torch.Tensor,
-    state: Optional[RetentionState] = None,
+    initial_state: Optional[RetentionState] = None,
+    output_final_state: bool = True,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-) -> Tuple[torch.Tensor, RetentionState]:
+) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """One token at a time, torchscale's recurrence::
 
         scale_n = gamma scale_{n-1} + w_n
@@ -183,13 +189,13 @@ def recurrent_retention(
     dtype = _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
     gamma = log_decay.exp()[None, :].expand(batch, heads)
-    if state is None:
+    if initial_state is None:
         s = torch.zeros(batch * heads, dk, dv, dtype=dtype, device=q.device)
         scale = torch.zeros(batch, heads, dtype=dtype, device=q.device)
         in_place = not torch.is_grad_enabled()
     else:
-        s, scale = state[0].to(dtype).reshape(batch * heads, dk, dv), state[1].to(dtype)
-        in_place = not torch.is_grad_enabled() and state[0].dtype == dtype
+        s, scale = initial_state[0].to(dtype).reshape(batch * heads, dk, dv), initial_state[1].to(dtype)
+        in_place = not torch.is_grad_enabled() and initial_state[0].dtype == dtype
 
     root = scale.clamp(min=1).sqrt()
     outputs = []
@@ -205,4 +211,14 @@ def recurrent_retention(
         out = torch.bmm(q[:, :, t].reshape(-1, 1, dk), s).reshape(batch, heads, dv)
         outputs.append(out if normalize else out * new_root[..., None])
         root = new_root
-    return torch.stack(outputs, dim=2), (s.reshape(batch, heads, dk, dv), scale)
+    state = (s.reshape(batch, heads, dk, dv), scale) if output_final_state else None
+    return torch.stack(outputs, dim=2), state
+
+
+# The three forms by name (`RetNetConfig.retention_form`); they share one keyword-only signature, the chunkwise
+# form's `chunk_size` aside.
+RETENTION_FUNCTIONS = {
+    "parallel": parallel_retention,
+    "chunkwise": chunkwise_retention,
+    "recurrent": recurrent_retention,
+}

@@ -63,24 +63,21 @@ def test_auto_form_choice_is_exact():
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_config_field_chooses_the_form():
+def test_config_field_chooses_the_form(monkeypatch):
     model = tiny_model(torch.float64, retention_form="recurrent", recurrent_chunk_size=4)
     x = tokens(length=9)
     calls = []
-    import retnet_hf.model.modeling_retnet as modeling
+    for layer in model.model.layers:
+        functions = layer.retention.retention_functions
+        for form, function in list(functions.items()):
 
-    original = modeling.recurrent_retention
+            def spy(q, *args, _form=form, _function=function, **kwargs):
+                calls.append((_form, q.shape[2]))
+                return _function(q, *args, **kwargs)
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape[2])
-        return original(*args, **kwargs)
-
-    modeling.recurrent_retention = spy
-    try:
-        model(x)
-    finally:
-        modeling.recurrent_retention = original
-    assert calls == [9] * model.config.decoder_layers
+            monkeypatch.setitem(functions, form, spy)
+    model(x)
+    assert calls == [("recurrent", 9)] * model.config.decoder_layers
 
 
 def test_standard_outputs_and_loss():

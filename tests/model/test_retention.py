@@ -1,5 +1,7 @@
 """The three retention forms against each other and against a direct evaluation of the defining sum."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def select(mask_kind, valid, resets):
 def test_parallel_matches_the_defining_sum(mask_kind):
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=13)
     masks = select(mask_kind, valid, resets)
-    out, _ = parallel_retention(q, k, v, log_decay, **masks)
+    out, _ = parallel_retention(q, k, v, log_decay=log_decay, **masks)
     torch.testing.assert_close(out, direct_sum(q, k, v, log_decay, **masks), rtol=1e-12, atol=1e-12)
 
 
@@ -63,8 +65,8 @@ def test_parallel_matches_the_defining_sum(mask_kind):
 def test_chunkwise_equals_parallel_float64(mask_kind, chunk_size):
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64)
     masks = select(mask_kind, valid, resets)
-    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay, **masks)
-    out, (s, scale) = chunkwise_retention(q, k, v, log_decay, chunk_size, **masks)
+    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay=log_decay, **masks)
+    out, (s, scale) = chunkwise_retention(q, k, v, log_decay=log_decay, chunk_size=chunk_size, **masks)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-12, atol=1e-12)
@@ -74,8 +76,8 @@ def test_chunkwise_equals_parallel_float64(mask_kind, chunk_size):
 def test_recurrent_equals_parallel_float64(mask_kind):
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64)
     masks = select(mask_kind, valid, resets)
-    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay, **masks)
-    out, (s, scale) = recurrent_retention(q, k, v, log_decay, **masks)
+    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay=log_decay, **masks)
+    out, (s, scale) = recurrent_retention(q, k, v, log_decay=log_decay, **masks)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-12, atol=1e-12)
@@ -84,11 +86,13 @@ def test_recurrent_equals_parallel_float64(mask_kind):
 @pytest.mark.parametrize("chunk_size", [3, 16])
 def test_forms_agree_in_float32(chunk_size):
     q, k, v, log_decay, valid, resets = random_inputs(torch.float32, length=50)
-    ref, _ = parallel_retention(q.double(), k.double(), v.double(), log_decay.double(), valid=valid, resets=resets)
+    ref, _ = parallel_retention(
+        q.double(), k.double(), v.double(), log_decay=log_decay.double(), valid=valid, resets=resets
+    )
     for out, _ in (
-        parallel_retention(q, k, v, log_decay, valid=valid, resets=resets),
-        chunkwise_retention(q, k, v, log_decay, chunk_size, valid=valid, resets=resets),
-        recurrent_retention(q, k, v, log_decay, valid=valid, resets=resets),
+        parallel_retention(q, k, v, log_decay=log_decay, valid=valid, resets=resets),
+        chunkwise_retention(q, k, v, log_decay=log_decay, chunk_size=chunk_size, valid=valid, resets=resets),
+        recurrent_retention(q, k, v, log_decay=log_decay, valid=valid, resets=resets),
     ):
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -96,7 +100,7 @@ def test_forms_agree_in_float32(chunk_size):
 
 FORMS = {
     "parallel": parallel_retention,
-    "chunkwise": lambda *a, **kw: chunkwise_retention(*a[:4], 4, *a[4:], **kw),
+    "chunkwise": partial(chunkwise_retention, chunk_size=4),
     "recurrent": recurrent_retention,
 }
 
@@ -108,21 +112,23 @@ def test_state_hands_over_between_forms(first, second, mask_kind):
     """Process a prefix in one form and continue from its state in another: same as one pass."""
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=23)
     masks = select(mask_kind, valid, resets)
-    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay, **masks)
+    ref, (ref_s, ref_scale) = parallel_retention(q, k, v, log_decay=log_decay, **masks)
     split = 10
     head = {name: m[:, :split] for name, m in masks.items()}
     tail = {name: m[:, split:] for name, m in masks.items()}
-    out1, state = FORMS[first](q[:, :, :split], k[:, :, :split], v[:, :, :split], log_decay, **head)
-    out2, (s, scale) = FORMS[second](q[:, :, split:], k[:, :, split:], v[:, :, split:], log_decay, state, **tail)
+    out1, state = FORMS[first](q[:, :, :split], k[:, :, :split], v[:, :, :split], log_decay=log_decay, **head)
+    out2, (s, scale) = FORMS[second](
+        q[:, :, split:], k[:, :, split:], v[:, :, split:], log_decay=log_decay, initial_state=state, **tail
+    )
     torch.testing.assert_close(torch.cat([out1, out2], dim=2), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-12, atol=1e-12)
 
 
 def test_state_is_the_closed_form():
-    """S_L = sum_t gamma^(L-1-t) k_t^T v_t / sqrt(scale_L), scale_L = sum_{i<L} gamma^i (REFERENCE.md section 1)."""
+    """S_L = sum_t gamma^(L-1-t) k_t^T v_t / sqrt(scale_L), scale_L = sum_{i<L} gamma^i (retention.py)."""
     q, k, v, log_decay, _, _ = random_inputs(torch.float64, length=12)
-    _, (s, scale) = parallel_retention(q, k, v, log_decay)
+    _, (s, scale) = parallel_retention(q, k, v, log_decay=log_decay)
     length = q.shape[2]
     gamma = log_decay.exp()
     powers = gamma[:, None] ** torch.arange(length - 1, -1, -1, dtype=torch.float64)  # [H, T]
@@ -139,9 +145,9 @@ def test_padding_contributes_nothing():
     noise = [torch.randn(1, q.shape[1], pad, x.shape[-1], dtype=torch.float64) * 100 for x in (q, k, v)]
     padded = [torch.cat([n, x], dim=2) for n, x in zip(noise, (q, k, v))]
     valid = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 15, dtype=torch.bool)], dim=1)
-    ref, (ref_s, _) = parallel_retention(q, k, v, log_decay)
+    ref, (ref_s, _) = parallel_retention(q, k, v, log_decay=log_decay)
     for form in FORMS.values():
-        out, (s, _) = form(*padded, log_decay, valid=valid)
+        out, (s, _) = form(*padded, log_decay=log_decay, valid=valid)
         torch.testing.assert_close(out[:, :, pad:], ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
         assert torch.isfinite(out).all()
@@ -150,7 +156,7 @@ def test_padding_contributes_nothing():
 def test_half_precision_inputs_compute_in_float32():
     q, k, v, log_decay, _, _ = random_inputs(torch.float32, length=40)
     out, (s, scale) = chunkwise_retention(
-        (q * 300).half(), (k * 300).half(), (v * 300).half(), log_decay, chunk_size=16
+        (q * 300).half(), (k * 300).half(), (v * 300).half(), log_decay=log_decay, chunk_size=16
     )
     assert out.dtype == s.dtype == scale.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(s).all()
@@ -161,13 +167,13 @@ def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
     """normalize=False (flash-linear-attention's RetNet): o_n = sum_m gamma^(n-m) w_m (q_n.k_m) v_m."""
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=21)
     masks = select(mask_kind, valid, resets)
-    ref, ref_state = parallel_retention(q, k, v, log_decay, normalize=False, **masks)
-    normalized, _ = parallel_retention(q, k, v, log_decay, **masks)
+    ref, ref_state = parallel_retention(q, k, v, log_decay=log_decay, normalize=False, **masks)
+    normalized, _ = parallel_retention(q, k, v, log_decay=log_decay, **masks)
     scale_sqrt = ref.norm(dim=-1) / normalized.norm(dim=-1).clamp(min=1e-300)
     assert (scale_sqrt[normalized.norm(dim=-1) > 0] >= 1 - 1e-12).all()  # the only difference: a factor >= 1
     for out, state in (
-        chunkwise_retention(q, k, v, log_decay, 4, normalize=False, **masks),
-        recurrent_retention(q, k, v, log_decay, normalize=False, **masks),
+        chunkwise_retention(q, k, v, log_decay=log_decay, chunk_size=4, normalize=False, **masks),
+        recurrent_retention(q, k, v, log_decay=log_decay, normalize=False, **masks),
     ):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(state[0], ref_state[0], rtol=1e-12, atol=1e-12)
@@ -183,11 +189,13 @@ def test_unnormalized_forms_agree_and_equal_the_plain_sum(mask_kind):
 
 def test_skipping_the_state_changes_nothing_else():
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=29)
-    ref, _ = parallel_retention(q, k, v, log_decay, valid=valid, resets=resets)
-    out, state = parallel_retention(q, k, v, log_decay, valid=valid, resets=resets, with_state=False)
+    ref, _ = parallel_retention(q, k, v, log_decay=log_decay, valid=valid, resets=resets)
+    out, state = parallel_retention(q, k, v, log_decay=log_decay, valid=valid, resets=resets, output_final_state=False)
     assert state is None
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    out, state = chunkwise_retention(q, k, v, log_decay, 8, valid=valid, resets=resets, with_state=False)
+    out, state = chunkwise_retention(
+        q, k, v, log_decay=log_decay, chunk_size=8, valid=valid, resets=resets, output_final_state=False
+    )
     assert state is None
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -196,17 +204,13 @@ def test_skipping_the_state_changes_nothing_else():
 def test_gradients_agree_across_forms_float64(mask_kind):
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=23)
     masks = select(mask_kind, valid, resets)
-    incoming = parallel_retention(q[:, :, :5], k[:, :, :5], v[:, :, :5], log_decay)[1]
+    incoming = parallel_retention(q[:, :, :5], k[:, :, :5], v[:, :, :5], log_decay=log_decay)[1]
     probe = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    forms = {
-        "parallel": lambda *a, **kw: parallel_retention(*a, **kw),
-        "chunkwise": lambda *a, **kw: chunkwise_retention(*a[:4], 7, *a[4:], **kw),
-        "recurrent": lambda *a, **kw: recurrent_retention(*a, **kw),
-    }
+    forms = {**FORMS, "chunkwise": partial(chunkwise_retention, chunk_size=7)}
     grads = {}
     for name, form in forms.items():
         inputs = [x.clone().requires_grad_() for x in (q, k, v, *incoming)]
-        out, (s, scale) = form(*inputs[:3], log_decay, tuple(inputs[3:]), **masks)
+        out, (s, scale) = form(*inputs[:3], log_decay=log_decay, initial_state=tuple(inputs[3:]), **masks)
         ((out * probe).sum() + s.square().sum() + scale.sum()).backward()
         grads[name] = [x.grad for x in inputs]
     for name in ("chunkwise", "recurrent"):
@@ -218,5 +222,6 @@ def test_chunkwise_gradient_matches_finite_differences():
     q, k, v, log_decay, valid, resets = random_inputs(torch.float64, batch=1, heads=2, length=9, dk=3, dv=2)
     inputs = tuple(x.requires_grad_() for x in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: chunkwise_retention(q, k, v, log_decay, 4, valid=valid, resets=resets)[0], inputs
+        lambda q, k, v: chunkwise_retention(q, k, v, log_decay=log_decay, chunk_size=4, valid=valid, resets=resets)[0],
+        inputs,
     )

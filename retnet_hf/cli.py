@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .pretraining import PRESETS, UsageError
+from .errors import UsageError
+from .presets import PRESETS
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +120,7 @@ def cmd_chat(args) -> None:
     """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
     import torch
 
+    from .data import GUANACO_CHAT_TEMPLATE, HUMAN
     from .model import CACHE_NAME
 
     model, tokenizer = _load_for_inference(args.model)
@@ -136,7 +138,13 @@ def cmd_chat(args) -> None:
             continue
         if message in ("/exit", "/quit"):
             break
-        turn = tokenizer(f"### Human: {message}### Assistant:", return_tensors="pt", add_special_tokens=False)
+        prompt = tokenizer.apply_chat_template(  # the folder's own template, else the guanaco one sft saves
+            [{"role": "user", "content": message}],
+            chat_template=tokenizer.chat_template or GUANACO_CHAT_TEMPLATE,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        turn = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         history = torch.cat([history, turn.input_ids.to(model.device)], dim=1)
         streamer = _RateStreamer(tokenizer)
         print("assistant> ", end="", flush=True)
@@ -149,7 +157,7 @@ def cmd_chat(args) -> None:
             streamer=streamer,
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
-            stop_strings=["### Human:"],
+            stop_strings=[HUMAN],
             tokenizer=tokenizer,
             **_sampling_kwargs(args),
         )

@@ -6,7 +6,7 @@
 - Data in the openassistant-guanaco form, `### Human: question### Assistant: answer`, from a Hub id or a local
   jsonl/parquet/csv; Llama-2 style rows (`<s>[INST] q [/INST] a </s>`) are rewritten to that form.
 - `GUANACO_CHAT_TEMPLATE`: a chat template for that form (`tokenizer.apply_chat_template`).
-- `prepare_for_kbit`: PEFT's `prepare_model_for_kbit_training` plus the bitsandbytes CPU fix (REFERENCE §4: on a
+- `prepare_for_kbit`: PEFT's `prepare_model_for_kbit_training` plus the bitsandbytes CPU fix (on a
   CPU with AVX512-BF16 a no-grad forward repacks a `Linear4bit` weight for inference, after which LoRA gradients
   are wrong): `support_avx512bf16_for_cpu = False` on every `Linear4bit`, and any weight already repacked is
   unpacked.
@@ -15,7 +15,6 @@
 """
 
 import json
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,113 +23,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .data import DEFAULT_DATASET, load_guanaco, save_tokenizer, set_chat_template
+from .errors import UsageError
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
-from .pretraining import UsageError, plot_loss_curve, save_tokenizer
-
-
-DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
-
-# messages -> "### Human: q### Assistant: a### Human: ..."; a system message goes first as plain text.
-GUANACO_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}{{ '### Human: ' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Assistant: ' + message['content'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
-)
-
-_INST_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=<s>|\[INST\]|$)", re.S)
-
-
-def llama2_to_guanaco(text: str) -> str:
-    """`<s>[INST] q [/INST] a </s><s>[INST] q2 [/INST] a2 </s>` -> `### Human: q### Assistant: a### Human: q2...`."""
-    turns = _INST_TURN.findall(text)
-    if not turns:
-        raise ValueError(f"not a Llama-2 chat row (no [INST] ... [/INST]): {text[:80]!r}")
-    parts = []
-    for question, answer in turns:
-        answer = answer.strip()
-        if answer.endswith("</s>"):
-            answer = answer[: -len("</s>")].rstrip()
-        parts.append(f"{HUMAN} {question.strip()}{ASSISTANT} {answer}")
-    return "".join(parts)
-
-
-def to_guanaco(text: str) -> str:
-    """A row in the guanaco form: guanaco rows unchanged, Llama-2 rows rewritten; anything else is an error."""
-    if "[INST]" in text and "[/INST]" in text:
-        return llama2_to_guanaco(text)
-    if HUMAN in text and ASSISTANT in text:
-        return text
-    raise ValueError(
-        f"row is neither '### Human: ... ### Assistant: ...' nor '<s>[INST] ... [/INST] ...': {text[:80]!r}"
-    )
-
-
-def split_prompt_completion(text: str):
-    """(`prompt`, `completion`): everything up to and including the last `### Assistant:`, and the answer after it."""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        raise ValueError(f"no '{ASSISTANT}' in {text[:80]!r}")
-    cut += len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-def guanaco_messages(text: str) -> List[dict]:
-    """The guanaco form as chat messages (`[{"role": "user", ...}, {"role": "assistant", ...}, ...]`)."""
-    messages = []
-    for piece in re.split(r"(### Human:|### Assistant:)", to_guanaco(text)):
-        if piece == HUMAN:
-            messages.append({"role": "user", "content": ""})
-        elif piece == ASSISTANT:
-            messages.append({"role": "assistant", "content": ""})
-        elif messages:
-            messages[-1]["content"] = piece.strip()
-    return messages
-
-
-def set_chat_template(tokenizer):
-    """Give `tokenizer` the guanaco chat template (and a pad token) and return it."""
-    tokenizer.chat_template = GUANACO_CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_guanaco(
-    source: str = DEFAULT_DATASET, text_column: str = "text", completion_only: bool = False, limit: Optional[int] = None
-):
-    """A `datasets.Dataset` of guanaco-form chat rows from a Hub id or a local jsonl/json/parquet/csv file.
-
-    Columns: `text`, or `prompt` and `completion` with `completion_only=True` (the last answer is the completion,
-    for TRL's completion-only loss).
-    """
-    from .pretraining import load_texts
-
-    path = Path(source)
-    if path.exists() and path.suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv"):
-        raise UsageError(f"{source}: chat data must be .jsonl, .json, .parquet or .csv (a column {text_column!r})")
-    try:
-        data = load_texts([source], text_column)
-    except UsageError:
-        raise
-    except Exception as error:  # a Hub id that cannot be reached offline, a malformed file, ...
-        raise UsageError(f"{source}: cannot load the data set: {error}") from error
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-    try:
-        data = data.map(lambda row: {"text": to_guanaco(row["text"])})
-    except ValueError as error:
-        raise UsageError(f"{source}: {error}") from error
-    if completion_only:
-        data = data.map(
-            lambda row: dict(zip(("prompt", "completion"), split_prompt_completion(row["text"]))),
-            remove_columns=["text"],
-        )
-    return data
+from .reports import plot_loss_curve
 
 
 def linear4bit_modules(model) -> list:
@@ -142,7 +38,7 @@ def linear4bit_modules(model) -> list:
 
 
 def disable_cpu_inference_repacking(model) -> int:
-    """REFERENCE §4: stop bitsandbytes repacking 4-bit weights for CPU inference (which breaks their gradients),
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference (which breaks their gradients),
     and undo a repacking that already happened (after a generate or an evaluation). Returns the module count."""
     modules = linear4bit_modules(model)
     if not modules:

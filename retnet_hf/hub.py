@@ -9,8 +9,8 @@ send, as huggingface_hub `CommitOperationAdd` operations, without touching the n
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .errors import UsageError
 from .model_card import check_folder
-from .pretraining import UsageError
 
 
 # Never uploaded: a training run's checkpoints (optimizer states, often several times the model) and Python caches.

@@ -6,173 +6,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, default_data_collator
 from transformers.trainer_callback import TrainerCallback
 
-from .model import RetNetConfig, RetNetForCausalLM
-
-
-# Sizes: the paper's training presets (torchscale's fairseq example, key head dim 256) and small ones for CPUs.
-PRESETS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(
-        decoder_embed_dim=128,
-        decoder_value_embed_dim=256,
-        decoder_ffn_embed_dim=256,
-        decoder_layers=2,
-        decoder_retention_heads=2,
-    ),
-    "small": dict(
-        decoder_embed_dim=256,
-        decoder_value_embed_dim=512,
-        decoder_ffn_embed_dim=512,
-        decoder_layers=4,
-        decoder_retention_heads=2,
-    ),
-    "retnet_base": dict(
-        decoder_embed_dim=512,
-        decoder_value_embed_dim=864,
-        decoder_ffn_embed_dim=864,
-        decoder_layers=6,
-        decoder_retention_heads=2,
-    ),
-    "retnet_medium": dict(
-        decoder_embed_dim=1024,
-        decoder_value_embed_dim=1728,
-        decoder_ffn_embed_dim=1728,
-        decoder_layers=16,
-        decoder_retention_heads=4,
-    ),
-    "retnet_xl": dict(
-        decoder_embed_dim=2048,
-        decoder_value_embed_dim=3456,
-        decoder_ffn_embed_dim=3456,
-        decoder_layers=24,
-        decoder_retention_heads=8,
-    ),
-    "retnet_3b": dict(
-        decoder_embed_dim=2560,
-        decoder_value_embed_dim=4280,
-        decoder_ffn_embed_dim=4280,
-        decoder_layers=32,
-        decoder_retention_heads=10,
-    ),
-    "retnet_7b": dict(
-        decoder_embed_dim=4096,
-        decoder_value_embed_dim=6912,
-        decoder_ffn_embed_dim=6912,
-        decoder_layers=32,
-        decoder_retention_heads=16,
-    ),
-}
-
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: the command line prints the message, not a traceback."""
-
-
-def preset_config(preset: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, **overrides) -> RetNetConfig:
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return RetNetConfig(
-        vocab_size=vocab_size,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        activation_fn="swish",
-        **{**PRESETS[preset], **overrides},
-    )
-
-
-def load_texts(sources: Sequence[str], text_column: str = "text"):
-    """A `datasets.Dataset` with one `text` column from local .txt/.md/.jsonl/.json/.parquet/.csv files or a Hub id.
-
-    Plain text files give one row per paragraph (blank-line separated).
-    """
-    from datasets import concatenate_datasets, load_dataset
-
-    builders = {
-        ".txt": "text",
-        ".md": "text",
-        ".py": "text",
-        ".jsonl": "json",
-        ".json": "json",
-        ".parquet": "parquet",
-        ".csv": "csv",
-    }
-    parts = []
-    for source in sources:
-        path = Path(source)
-        if path.exists():
-            builder = builders.get(path.suffix.lower())
-            if builder is None:
-                raise UsageError(f"{source}: unsupported file type {path.suffix!r}; use {', '.join(builders)}")
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            data = load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        elif "/" in source and not source.startswith((".", "/")):
-            data = load_dataset(source, split="train")
-        else:
-            raise UsageError(f"{source}: no such file (and not a Hub data set id like 'user/name')")
-        if text_column not in data.column_names:
-            raise UsageError(f"{source}: no column {text_column!r} (columns: {', '.join(data.column_names)})")
-        data = data.select_columns([text_column])
-        parts.append(data if text_column == "text" else data.rename_column(text_column, "text"))
-    data = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    data = data.filter(lambda row: bool(row["text"] and row["text"].strip()))
-    if len(data) == 0:
-        raise UsageError("the training text is empty")
-    return data
-
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained with `tokenizers` on an iterable of strings."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **SPECIAL_TOKENS)
-    tokenizer.model_max_length = 1_000_000
-    return tokenizer
-
-
-def save_tokenizer(tokenizer, folder) -> None:
-    """`tokenizer.save_pretrained(folder)`, with `tokenizer_class: PreTrainedTokenizerFast` in tokenizer_config.json.
-
-    transformers 5.x writes `TokenizersBackend`, a class transformers 4.x (AutoTrain's 4.48) does not know; both
-    load `PreTrainedTokenizerFast` from the same tokenizer.json.
-    """
-    tokenizer.save_pretrained(str(folder))
-    config_path = Path(folder) / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if config.get("tokenizer_class") in (None, "TokenizersBackend"):
-            config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
-def token_blocks(data, tokenizer, block_size: int):
-    """Tokenise every row, end each with EOS, concatenate and cut into blocks of `block_size` tokens."""
-
-    def tokenize(batch):
-        return {"ids": [ids + [tokenizer.eos_token_id] for ids in tokenizer(batch["text"])["input_ids"]]}
-
-    def group(batch):
-        flat = [t for ids in batch["ids"] for t in ids]
-        usable = len(flat) // block_size * block_size
-        blocks = [flat[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-    ids = data.map(tokenize, batched=True, remove_columns=data.column_names)
-    blocks = ids.map(group, batched=True, batch_size=10_000, remove_columns=["ids"])
-    if len(blocks) < 2:
-        raise UsageError(
-            f"the text gives {len(blocks)} block(s) of {block_size} tokens; give more text or a smaller --block-size"
-        )
-    return blocks
+from .data import load_texts, save_tokenizer, token_blocks, train_tokenizer
+from .errors import UsageError
+from .model import RetNetForCausalLM
+from .presets import preset_config
+from .reports import plot_loss_curve
 
 
 class TimeBudget(TrainerCallback):
@@ -193,29 +37,6 @@ class TimeBudget(TrainerCallback):
             stop = bool(flag.item())
         if stop:
             control.should_training_stop = True
-
-
-def plot_loss_curve(log_history: List[dict], path: Path) -> None:
-    """Training and evaluation loss against the step, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("RetNet training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AutoTrain smoke test: `autotrain llm --train --trainer sft --peft` fine-tunes a retnet-hf folder offline.
 #
-# autotrain-advanced 0.8.36 pins transformers 4.48, trl 0.13, peft 0.14 (REFERENCE.md section 4), so it gets its own
+# autotrain-advanced 0.8.36 pins transformers 4.48, trl 0.13, peft 0.14, so it gets its own
 # virtual environment (VENV, default /tmp/venv-autotrain; reused when it already has autotrain). The model folder is
 # made with this repository's environment (transformers 5.x) and trained by AutoTrain under 4.48 through the code the
 # folder carries (trust_remote_code). Run from anywhere: bash scripts/autotrain_smoke.sh [WORK_DIR]
@@ -31,8 +31,7 @@ import json, sys
 import pandas as pd
 import torch
 from retnet_hf import RetNetConfig, RetNetForCausalLM
-from retnet_hf.finetuning import set_chat_template, to_guanaco
-from retnet_hf.pretraining import save_tokenizer, train_tokenizer
+from retnet_hf.data import save_tokenizer, set_chat_template, to_guanaco, train_tokenizer
 
 work, data = sys.argv[1], sys.argv[2]
 rows = [to_guanaco(t) for t in pd.read_parquet(data)["text"][:200]]

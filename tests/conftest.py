@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def model64():
 
 
 def import_torchscale():
-    """torchscale 0.3.0's `(RetNetConfig, RetNetDecoder)` through `retnet_hf.benchmarking.import_torchscale` (a
+    """torchscale 0.3.0's `(RetNetConfig, RetNetDecoder)` through `benchmarks.common.import_torchscale` (a
     stand-in for timm's `drop_path` during the import); skips the calling test module when it is not installed."""
     import importlib.util
 
@@ -83,9 +84,9 @@ def import_torchscale():
             "torchscale is not installed (pip install --no-deps torchscale==0.3.0 fairscale==0.4.0)",
             allow_module_level=True,
         )
-    from retnet_hf.benchmarking import import_torchscale as package_import
+    from benchmarks.common import import_torchscale as benchmarks_import
 
-    return package_import()
+    return benchmarks_import()
 
 
 # ----------------------------------------------------------------------------------------------- saved folders
@@ -111,6 +112,8 @@ def assert_saved_folder(folder: Path):
 # ------------------------------------------------------------------------ child processes without the package
 
 REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # the benchmarks (not installed) are tested too: `import benchmarks.decode`
+    sys.path.insert(0, str(REPO_ROOT))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real text the project did not write (its README)
 # a python with transformers 4.48 (AutoTrain's pin), for the saved code's checks; CI makes that venv
 TRANSFORMERS_448_ENV = "RETNET_TRANSFORMERS_448_PYTHON"

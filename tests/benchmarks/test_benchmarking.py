@@ -1,4 +1,4 @@
-"""The benchmark helpers and scripts (issue 6): correctness only, no timing is asserted.
+"""The benchmarks (benchmarks/): correctness only, no timing is asserted.
 
 - `same_size_llama` lands within 3% of RetNet's parameter count (counted on real modules), and refuses when it
   cannot;
@@ -7,7 +7,6 @@
   PNG; torchscale's and ours' logits agree in that run.
 """
 
-import importlib.util
 import json
 import math
 import time
@@ -17,21 +16,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from benchmarks import common, decode, prefill, torchscale
 from retnet_hf import RetNetConfig, RetNetForCausalLM
-from retnet_hf import benchmarking as bench
 
-from conftest import REPO_ROOT, cache_of
+from conftest import cache_of
 
 
-SCRIPTS = REPO_ROOT / "scripts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def count_on_meta(model_class, config) -> int:
@@ -41,12 +32,12 @@ def count_on_meta(model_class, config) -> int:
 
 @pytest.mark.parametrize("size", ["125m", "base"])
 def test_same_size_llama_is_within_three_percent(size):
-    retnet_config = bench.SIZES[size]()
-    llama_config = bench.same_size_llama(retnet_config)
+    retnet_config = common.size_config(size)
+    llama_config = common.same_size_llama(retnet_config)
     retnet_count = count_on_meta(RetNetForCausalLM, retnet_config)
     llama_count = count_on_meta(LlamaForCausalLM, llama_config)
-    assert retnet_count == bench.retnet_parameter_count(retnet_config)
-    assert llama_count == bench.llama_parameter_count(llama_config)
+    assert retnet_count == common.retnet_parameter_count(retnet_config)
+    assert llama_count == common.llama_parameter_count(llama_config)
     assert abs(llama_count / retnet_count - 1) <= 0.03, (retnet_count, llama_count)
     assert llama_config.vocab_size == retnet_config.vocab_size
     assert llama_config.hidden_size == retnet_config.decoder_embed_dim
@@ -56,12 +47,12 @@ def test_same_size_llama_is_within_three_percent(size):
 
 
 def test_125m_sizes_are_as_documented():
-    config = bench.retnet_125m_config()
+    config = common.size_config("125m")
     assert (config.decoder_embed_dim // config.decoder_retention_heads) == 256
-    assert bench.retnet_parameter_count(config) == 124_373_760
-    llama = bench.same_size_llama(config)
+    assert common.retnet_parameter_count(config) == 124_373_760
+    llama = common.same_size_llama(config)
     assert (llama.num_attention_heads, llama.head_dim, llama.intermediate_size) == (12, 64, 1696)
-    assert bench.llama_parameter_count(llama) == 124_373_760  # 4 d^2 + 3 d 1696 = 2 d^2 + 6 d 1104 exactly
+    assert common.llama_parameter_count(llama) == 124_373_760  # 4 d^2 + 3 d 1696 = 2 d^2 + 6 d 1104 exactly
 
 
 def test_same_size_llama_refuses_an_impossible_match():
@@ -75,12 +66,12 @@ def test_same_size_llama_refuses_an_impossible_match():
         decoder_retention_heads=2,
     )
     with pytest.raises(ValueError, match="within 3%"):
-        bench.same_size_llama(retnet_config)
+        common.same_size_llama(retnet_config)
 
 
 def test_peak_memory_sees_a_large_allocation_and_nothing_else():
-    size = 256 * bench.MB
-    with bench.PeakMemory() as peak:
+    size = 256 * common.MB
+    with common.PeakMemory() as peak:
         x = torch.ones(size // 4, dtype=torch.float32)  # written, so its pages are resident
         y = x[: size // 8] + 1  # a second, half-size tensor alive at the same time
         time.sleep(0.05)
@@ -90,23 +81,23 @@ def test_peak_memory_sees_a_large_allocation_and_nothing_else():
     assert 0 <= peak.peak_bytes - (size + size // 2) < 1024, peak.peak_bytes
     assert peak.rss_peak_bytes > 0.8 * size, peak.rss_peak_mb
 
-    with bench.PeakMemory() as idle:
+    with common.PeakMemory() as idle:
         time.sleep(0.05)
     assert idle.peak_bytes == 0
     assert idle.rss_peak_bytes < 0.2 * size, idle.rss_peak_mb
 
 
 def test_cache_bytes_match_the_formulas():
-    retnet, llama = bench.build_models(bench.retnet_tiny_config())
+    retnet, llama = common.build_models(common.size_config("tiny"))
     tokens = torch.zeros(2, 40, dtype=torch.long)
     with torch.no_grad():
         retnet_cache = cache_of(retnet(tokens, use_cache=True))
         llama_cache = cache_of(llama(tokens, use_cache=True))
-    assert bench.cache_bytes(retnet_cache) == bench.retnet_state_bytes(retnet.config, batch=2)
-    assert bench.cache_bytes(llama_cache) == bench.llama_kv_bytes(llama.config, 40, batch=2)
+    assert common.cache_bytes(retnet_cache) == common.retnet_state_bytes(retnet.config, batch=2)
+    assert common.cache_bytes(llama_cache) == common.llama_kv_bytes(llama.config, 40, batch=2)
     # per-step weight bytes leave out the input embedding table (untied), and only it
     total = sum(p.numel() * 4 for p in retnet.parameters())
-    assert bench.weight_bytes_per_token(retnet) == total - retnet.model.embed_tokens.weight.numel() * 4
+    assert common.weight_bytes_per_token(retnet) == total - retnet.model.embed_tokens.weight.numel() * 4
 
 
 def test_chunkwise_crossover_ignores_one_chunk_and_needs_every_longer_length():
@@ -118,23 +109,23 @@ def test_chunkwise_crossover_ignores_one_chunk_and_needs_every_longer_length():
         ]
 
     assert (
-        bench.chunkwise_crossover(
+        prefill.chunkwise_crossover(
             rows({512: (2.0, 1.0), 1024: (1.0, 2.0), 2048: (3.0, 1.0)}), "forward", chunk_size=512
         )
         == 2048
     )
     assert (
-        bench.chunkwise_crossover(
+        prefill.chunkwise_crossover(
             rows({512: (2.0, 1.0), 1024: (3.0, 2.0), 2048: (9.0, 1.0)}), "forward", chunk_size=512
         )
         == 1024
     )
-    assert bench.chunkwise_crossover(rows({1024: (1.0, 2.0)}), "forward", chunk_size=512) is None
+    assert prefill.chunkwise_crossover(rows({1024: (1.0, 2.0)}), "forward", chunk_size=512) is None
 
 
 def test_parse_ints():
-    assert bench.parse_ints("512,2k, 16k") == [512, 2048, 16384]
-    assert bench.parse_ints("32 64") == [32, 64]
+    assert common.parse_ints("512,2k, 16k") == [512, 2048, 16384]
+    assert common.parse_ints("32 64") == [32, 64]
 
 
 def table_rows(output: str, columns):
@@ -157,7 +148,7 @@ def check_png(path: Path):
 
 
 def test_bench_decode_quick(tmp_path, capsys):
-    script = load_script("bench_decode")
+    script = decode
     assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
     output = capsys.readouterr().out
     assert "CPU:" in output and "torch" in output and "measured read bandwidth" in output
@@ -177,13 +168,13 @@ def test_bench_decode_quick(tmp_path, capsys):
 
 
 def test_bench_prefill_quick(tmp_path, capsys):
-    script = load_script("bench_prefill")
+    script = prefill
     assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
     output = capsys.readouterr().out
     assert "CPU:" in output and "measured read bandwidth" in output
     rows = table_rows(output, script.COLUMNS)
     assert len(rows) == 3 * 2 * 2  # variants x lengths x modes
-    assert {row[0] for row in rows} == set(bench.PREFILL_VARIANTS)
+    assert {row[0] for row in rows} == set(prefill.PREFILL_VARIANTS)
     assert {row[3] for row in rows} == {"forward", "forward+backward"}
     assert all(float(row[4]) > 0 for row in rows)
     assert "chunkwise (chunk 32)" in output
@@ -195,7 +186,7 @@ def test_bench_prefill_quick(tmp_path, capsys):
 
 
 def test_bench_prefill_names_an_unknown_variant(capsys):
-    script = load_script("bench_prefill")
+    script = prefill
     with pytest.raises(SystemExit) as stop:
         script.main(["--quick", "--variants", "retnet-chunkwise"])
     assert stop.value.code == 2
@@ -205,7 +196,7 @@ def test_bench_prefill_names_an_unknown_variant(capsys):
 def test_bench_torchscale_quick(tmp_path, capsys):
     pytest.importorskip("torchscale")
     pytest.importorskip("fairscale")
-    script = load_script("bench_torchscale")
+    script = torchscale
     assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
     output = capsys.readouterr().out
     assert "CPU:" in output and "measured read bandwidth" in output
@@ -218,18 +209,18 @@ def test_bench_torchscale_quick(tmp_path, capsys):
 
 
 def test_prefill_skips_points_that_would_not_fit():
-    retnet, llama = bench.build_models(bench.retnet_tiny_config())
-    rows = bench.prefill_benchmark(retnet, llama, [32], modes=["forward"], memory_fraction=1e-12)
+    retnet, llama = common.build_models(common.size_config("tiny"))
+    rows = prefill.prefill_benchmark(retnet, llama, [32], modes=["forward"], memory_fraction=1e-12)
     assert len(rows) == 3
     assert all(row["skipped"].startswith("needs ~") and "seconds" not in row for row in rows)
-    table = bench.format_table(rows, ["variant", "length", "seconds"])
+    table = common.format_table(rows, ["variant", "length", "seconds"])
     assert table.count("skipped: needs ~") == 3
 
 
 def test_prefill_training_step_with_gradient_checkpointing():
-    retnet, llama = bench.build_models(bench.retnet_tiny_config())
-    rows = bench.prefill_benchmark(retnet, llama, [48], modes=["forward+backward"], gradient_checkpointing=True)
-    assert [row["variant"] for row in rows] == list(bench.PREFILL_VARIANTS)
+    retnet, llama = common.build_models(common.size_config("tiny"))
+    rows = prefill.prefill_benchmark(retnet, llama, [48], modes=["forward+backward"], gradient_checkpointing=True)
+    assert [row["variant"] for row in rows] == list(prefill.PREFILL_VARIANTS)
     assert all(row["skipped"] is None and row["seconds"] > 0 for row in rows)
     assert retnet.model.gradient_checkpointing and not retnet.training  # back in eval mode afterwards
     assert all(p.grad is None for p in retnet.parameters())
@@ -248,10 +239,10 @@ def test_prefill_summary_speaks_of_the_parallel_form_only_where_it_was_asked_for
         }
 
     without_parallel = [row("RetNet chunkwise", 1024, 2.0, 300.0), row("Llama SDPA", 1024, 2.0, 400.0)]
-    assert bench.prefill_summary(without_parallel, chunk_size=512) == [
+    assert prefill.prefill_summary(without_parallel, chunk_size=512) == [
         "forward+backward at 1024 tokens: peak tensor memory RetNet chunkwise 300 MB vs Llama SDPA 400 MB (0.75x)"
     ]
     with_parallel = without_parallel + [row("RetNet parallel", 512, 1.0, 100.0), row("RetNet parallel", 1024)]
-    lines = bench.prefill_summary(with_parallel, chunk_size=512)
+    lines = prefill.prefill_summary(with_parallel, chunk_size=512)
     assert "forward+backward: parallel form skipped (memory) above 512 tokens" in lines
     assert "forward+backward: no length above one chunk (512) where both forms ran" in lines

@@ -1,6 +1,5 @@
-"""scripts/compare_with_transformer.py: RetNet against a same-size Llama, end to end in its quick mode."""
+"""benchmarks/compare_with_transformer.py: RetNet against a same-size Llama, end to end in its quick mode."""
 
-import importlib.util
 import json
 import math
 import re
@@ -8,19 +7,16 @@ import re
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import SHARED_DATA
 
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "compare_with_transformer", REPO_ROOT / "scripts" / "compare_with_transformer.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import compare_with_transformer
+
+    return compare_with_transformer
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +87,13 @@ def test_both_models_learn_better_than_uniform(quick_run):
 def test_the_llama_width_matches_the_retnet_size(d_model, layers, vocab):
     from transformers import PreTrainedTokenizerFast
 
-    from retnet_hf.comparison import ComparisonSettings, llama_model, retnet_model
+    from benchmarks.compare_with_transformer import ComparisonSettings, llama_model, retnet_model
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=None, tokenizer_object=_tiny_tokenizer())
     settings = ComparisonSettings(text="", d_model=d_model, layers=layers, llama_heads=4)
-    retnet = retnet_model(settings, vocab, tokenizer).num_parameters()
-    llama = llama_model(settings, vocab, tokenizer, retnet).num_parameters()
-    assert abs(llama / retnet - 1) <= 0.03, (retnet, llama)
+    retnet = retnet_model(settings, vocab, tokenizer)
+    llama = llama_model(settings, retnet.config).num_parameters()
+    assert abs(llama / retnet.num_parameters() - 1) <= 0.03, (retnet.num_parameters(), llama)
 
 
 def _tiny_tokenizer():

@@ -21,20 +21,18 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 from retnet_hf import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, RetNetForCausalLM  # noqa: E402
-from retnet_hf.finetuning import (  # noqa: E402
+from retnet_hf.data import (  # noqa: E402
     GUANACO_CHAT_TEMPLATE,
-    disable_cpu_inference_repacking,
     guanaco_messages,
-    linear4bit_modules,
     llama2_to_guanaco,
     load_guanaco,
-    prepare_for_kbit,
+    save_tokenizer,
     set_chat_template,
-    sft,
     split_prompt_completion,
     to_guanaco,
+    train_tokenizer,
 )
-from retnet_hf.pretraining import save_tokenizer, train_tokenizer  # noqa: E402
+from retnet_hf.finetuning import disable_cpu_inference_repacking, linear4bit_modules, prepare_for_kbit, sft  # noqa: E402
 
 from conftest import SHARED_DATA, tiny_config  # noqa: E402
 
@@ -74,7 +72,7 @@ def folder(tmp_path_factory, tokenizer):
     """A tiny RetNet saved with its tokenizer, as `retnet-hf train` leaves one."""
     path = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    # widths that are multiples of 64 (bitsandbytes' 4-bit block): the CPU inference repacking of REFERENCE §4
+    # widths that are multiples of 64 (bitsandbytes' 4-bit block): the CPU inference repacking (finetuning.disable_cpu_inference_repacking)
     # can then happen, and the gradient test below sees whether it breaks the LoRA gradients
     model = RetNetForCausalLM(
         tiny_config(

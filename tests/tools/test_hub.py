@@ -22,9 +22,10 @@ from huggingface_hub import ModelCard
 
 import retnet_hf
 from retnet_hf.cli import main
+from retnet_hf.data import train_tokenizer
+from retnet_hf.errors import UsageError
 from retnet_hf.hub import IncompleteFolderError, plan_upload, push_folder, upload_files
 from retnet_hf.model_card import check_folder, write_model_card
-from retnet_hf.pretraining import UsageError, train_tokenizer
 
 from conftest import REPO_ROOT, tiny_model
 

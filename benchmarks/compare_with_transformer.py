@@ -4,39 +4,76 @@ Both models get the same byte-level BPE tokenizer (`train_tokenizer`), the same 
 `token_blocks`, one shuffled split into training and validation blocks), the same Trainer settings (AdamW, cosine
 schedule with warm-up, batch, steps, seed, so the same batches in the same order) and the same learning-rate
 sweep. The Llama's MLP width is chosen so that its parameter count matches the RetNet's (embeddings and output
-layer included, neither tied). `scripts/compare_with_transformer.py` is the command line.
+layer included, neither tied; `benchmarks.common.same_size_llama`). Prints the validation losses side by side (a
+markdown table) and saves curves.png, table.md and results.json into --output. `compare(settings)` is the same in Python.
+
+  python -m benchmarks.compare_with_transformer                  # ../shared/data/tinyshakespeare.txt, defaults
+  python -m benchmarks.compare_with_transformer --text my.txt --steps 600 --lrs 1e-3,3e-3
+  python -m benchmarks.compare_with_transformer --quick          # tiny models and text, seconds (for the tests)
 """
 
+import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Tuple
 
 import torch
 
-from .pretraining import UsageError, load_texts, token_blocks, train_tokenizer
+from retnet_hf.data import load_texts, token_blocks, train_tokenizer
+from retnet_hf.errors import UsageError
+from retnet_hf.options import add_settings_options, settings_from_args
+
+from .common import same_size_llama
+
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @dataclass
 class ComparisonSettings:
-    text: str
-    output_dir: str = "comparison"
-    max_chars: Optional[int] = None  # use only the first characters of the text
+    """One comparison's settings; the command line's options are made from these fields."""
+
+    text: str = field(default=str(DEFAULT_TEXT), metadata=dict(help="any text file (default tinyshakespeare.txt)"))
+    output_dir: str = field(
+        default="comparison", metadata=dict(flag="--output", help="folder for curves.png, table.md, results.json")
+    )
+    max_chars: Optional[int] = field(default=None, metadata=dict(help="use only the text's first characters"))
     vocab_size: int = 2048
-    d_model: int = 128
-    layers: int = 4
-    retnet_heads: int = 2  # key head dim d_model / heads, as in the paper's presets (d_v = 2 d_model)
+    d_model: int = field(default=128, metadata=dict(help="width of both models"))
+    layers: int = field(default=4, metadata=dict(help="layers of both models"))
+    retnet_heads: int = field(default=2, metadata=dict(help="key head dim d_model / heads, as the paper's presets"))
     llama_heads: int = 4
-    block_size: int = 128
+    block_size: int = field(default=128, metadata=dict(help="tokens per sequence"))
     batch_size: int = 16
     steps: int = 200
     eval_every: int = 25
-    eval_blocks: int = 64  # validation blocks (held out from training)
+    eval_blocks: int = field(default=64, metadata=dict(help="validation blocks, held out from training"))
     warmup_fraction: float = 0.1
-    learning_rates: Sequence[float] = (1e-3, 3e-3, 1e-2)
+    learning_rates: Tuple[float, ...] = field(
+        default=(1e-3, 3e-3, 1e-2), metadata=dict(flag="--lrs", help="learning rates, e.g. 1e-3,3e-3,1e-2")
+    )
     seed: int = 0
+
+
+# --quick: tiny models and text, seconds (for the tests)
+QUICK = dict(
+    max_chars=40_000,
+    vocab_size=300,
+    d_model=48,
+    layers=2,
+    retnet_heads=2,
+    llama_heads=2,
+    block_size=32,
+    batch_size=8,
+    steps=30,
+    eval_every=10,
+    eval_blocks=16,
+    learning_rates=(2e-3, 5e-3, 1e-2),
+)
 
 
 @dataclass
@@ -79,7 +116,7 @@ class Comparison:
 
 
 def retnet_model(s: ComparisonSettings, vocab: int, tokenizer):
-    from .model import RetNetConfig, RetNetForCausalLM
+    from retnet_hf.model import RetNetConfig, RetNetForCausalLM
 
     config = RetNetConfig(
         vocab_size=vocab,
@@ -96,39 +133,14 @@ def retnet_model(s: ComparisonSettings, vocab: int, tokenizer):
     return RetNetForCausalLM(config)
 
 
-def llama_config(s: ComparisonSettings, vocab: int, tokenizer, intermediate_size: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=s.d_model,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.llama_heads,
-        num_key_value_heads=s.llama_heads,
-        max_position_embeddings=s.block_size,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-
-
-def llama_width_for(target: int, s: ComparisonSettings, vocab: int, tokenizer) -> int:
-    """The MLP width that brings a Llama of `d_model` x `layers` closest to `target` parameters."""
-    d = s.d_model
-    fixed = 2 * vocab * d + s.layers * (4 * d * d + 2 * d) + d  # embeddings, head, attention, norms
-    return max(1, round((target - fixed) / (3 * d * s.layers)))  # gate, up and down projections
-
-
-def llama_model(s: ComparisonSettings, vocab: int, tokenizer, target: int):
+def llama_model(s: ComparisonSettings, retnet_config):
+    """The same-size Llama: `s.llama_heads` heads, the MLP width that matches the RetNet's parameter count."""
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM(llama_config(s, vocab, tokenizer, llama_width_for(target, s, vocab, tokenizer)))
+    config = same_size_llama(
+        retnet_config, head_dim=s.d_model // s.llama_heads, multiple_of=1, max_position_embeddings=s.block_size
+    )
+    return LlamaForCausalLM(config)
 
 
 def _eval_history(log_history) -> tuple:
@@ -234,16 +246,17 @@ def compare(s: ComparisonSettings, log=print) -> Comparison:
     )
 
     torch.manual_seed(s.seed)
-    target = retnet_model(s, vocab, tokenizer).num_parameters()
-    llama_params = llama_model(s, vocab, tokenizer, target).num_parameters()
+    retnet = retnet_model(s, vocab, tokenizer)
+    target, llama = retnet.num_parameters(), llama_model(s, retnet.config)
+    llama_params = llama.num_parameters()
     log(
         f"parameters: RetNet {target:,}, Llama {llama_params:,} ({100 * (llama_params / target - 1):+.2f}%); "
-        f"Llama MLP width {llama_width_for(target, s, vocab, tokenizer)}"
+        f"Llama MLP width {llama.config.intermediate_size}"
     )
     for lr in s.learning_rates:
         for name in ("RetNet", "Llama"):
             torch.manual_seed(s.seed)
-            model = retnet_model(s, vocab, tokenizer) if name == "RetNet" else llama_model(s, vocab, tokenizer, target)
+            model = retnet_model(s, vocab, tokenizer) if name == "RetNet" else llama_model(s, retnet.config)
             run = train_one(name, model, s, lr, train_set, eval_set, out / "trainer")
             comparison.runs.append(run)
             log(
@@ -265,3 +278,34 @@ def compare(s: ComparisonSettings, log=print) -> Comparison:
     (out / "table.md").write_text(comparison.table() + "\n")
     plot_curves(comparison, out / "curves.png")
     return comparison
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_options(parser, ComparisonSettings)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 40k characters, 30 steps (tests)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy, shared CPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(ComparisonSettings, args, **(QUICK if args.quick else {}))
+    try:
+        comparison = compare(settings, log=lambda line: print(line, flush=True))
+    except UsageError as error:
+        print(f"compare_with_transformer: error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(comparison.table())
+    for model in ("RetNet", "Llama"):
+        best = comparison.best(model)
+        print(f"best {model}: lr {best.learning_rate:g}, final val loss {best.final_loss:.4f}")
+    print(f"curves: {Path(settings.output_dir) / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

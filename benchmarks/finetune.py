@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Step time and peak memory of LoRA and QLoRA fine-tuning steps: RetNet vs a LlamaForCausalLM of the same size.
 
-    python scripts/bench_finetune.py [--lengths 512 2048 8192] [--steps 3] [--preset small]
+    python -m benchmarks.finetune [--lengths 512 2048 8192] [--steps 3] [--preset small]
 
 Each (model, method, length) runs in its own process (so the peak memory is its own): LoRA on every projection
 (r 16), batch 1, AdamW, `--steps` timed steps after one warm-up step. On a GPU the memory is
@@ -18,37 +17,23 @@ import time
 
 import torch
 
+from .common import same_size_llama
+
 
 def build(kind: str, preset: str, vocab: int, method: str):
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
-    from retnet_hf import RetNetConfig, RetNetForCausalLM
-    from retnet_hf.pretraining import PRESETS
+    from retnet_hf import RetNetForCausalLM
+    from retnet_hf.presets import preset_config
 
-    p = PRESETS[preset]
-    d, dv, f, layers, heads = (
-        p["decoder_embed_dim"],
-        p["decoder_value_embed_dim"],
-        p["decoder_ffn_embed_dim"],
-        p["decoder_layers"],
-        p["decoder_retention_heads"],
-    )
+    config = preset_config(preset, vocab)
     torch.manual_seed(0)
     if kind == "retnet":
-        model = RetNetForCausalLM(RetNetConfig(vocab_size=vocab, **p))
-    else:
-        per_layer = 2 * d * d + 3 * d * dv + 3 * d * f  # RetNet's projections per layer
-        intermediate = round((per_layer - 4 * d * d) / (3 * d))
+        model = RetNetForCausalLM(config)
+    else:  # the RetNet's width, depth and head count, the MLP width that matches its parameter count
+        head_dim = config.decoder_embed_dim // config.decoder_retention_heads
         model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=d,
-                intermediate_size=intermediate,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                max_position_embeddings=16384,
-                attn_implementation="sdpa",
-            )
+            same_size_llama(config, head_dim=head_dim, multiple_of=1, max_position_embeddings=16384)
         )
     params = sum(p.numel() for p in model.parameters())
     if method == "qlora":  # round trip through a folder: from_pretrained does the quantization
@@ -134,7 +119,8 @@ def main() -> None:
             for kind in ("retnet", "llama"):
                 command = [
                     sys.executable,
-                    __file__,
+                    "-m",
+                    "benchmarks.finetune",
                     "--one",
                     kind,
                     method,

@@ -1,0 +1,342 @@
+"""Prefill and training benchmark: time and peak memory of forward (no_grad) and forward+backward against the
+sequence length, for RetNet's parallel and chunkwise forms and a same-size Llama with SDPA, in one run.
+
+This script prints the machine, the models, a markdown
+table and where chunkwise overtakes parallel, and saves prefill.png, prefill.md and prefill.json into --out.
+Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so.
+
+Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 1 repeat): about 10 minutes on an
+idle 2-core CPU with 23.5 GB, most of it the parallel form's forward at 8k (about 2 minutes). There the memory
+guard skips the parallel form's longest points and forward+backward at 16k (measured: 14.6 GB of tensors for
+RetNet, 17.0 GB for Llama, in float32) and says so. To measure 16k training on such a machine (about 6 minutes):
+MALLOC_MMAP_THRESHOLD_=131072 python -m benchmarks.prefill --modes forward+backward \
+    --variants "RetNet chunkwise,Llama SDPA" --lengths 8k,16k --memory-fraction 1.3
+(the fixed malloc threshold keeps the RSS at the tensor peak). --gradient-checkpointing makes 16k training take
+about 7 GB for either model (then the logits dominate).
+Quick run (tiny model, seconds): python -m benchmarks.prefill --quick
+"""
+
+import argparse
+import os
+import statistics
+import sys
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from retnet_hf.model import RetNetForCausalLM, enable_activation_checkpointing
+
+from .common import (
+    GB,
+    MB,
+    PeakMemory,
+    add_common_arguments,
+    available_memory_bytes,
+    build_models,
+    describe_models,
+    format_table,
+    log_axes,
+    parameter_count,
+    parse_ints,
+    prepare_run,
+    publish,
+    pyplot,
+    release_freed_memory,
+    save_figure,
+    size_config,
+    timed,
+)
+
+
+PREFILL_VARIANTS = ("RetNet parallel", "RetNet chunkwise", "Llama SDPA")
+
+
+def estimate_prefill_bytes(
+    variant: str, model: nn.Module, length: int, batch: int, backward: bool, gradient_checkpointing: bool = False
+) -> int:
+    """A rough upper estimate of the peak memory of one prefill point (to skip those that cannot fit): the
+    [T, T]-sized retention tensors of the parallel form (about 4 alive per layer, all layers' when training),
+    [T, chunk] ones of the chunkwise form, activations of about 28 widths per token and layer when training
+    (with `gradient_checkpointing`, one layer's and one width per other layer), and the logits (three copies when
+    training)."""
+    config = model.config
+    element = next(model.parameters()).element_size()
+    layers, width = config.num_hidden_layers, config.hidden_size
+    logits = batch * (length if backward else 1) * config.vocab_size * 4 * (3 if backward else 1)
+    kept_layers = 1 if gradient_checkpointing or not backward else layers
+    activations = batch * length * width * element * (28 * kept_layers + (layers if gradient_checkpointing else 0))
+    total = logits + activations + (parameter_count(model) * 4 * 2 if backward else 0)
+    if variant.startswith("RetNet"):
+        heads = config.decoder_retention_heads
+        span = length if variant == "RetNet parallel" else min(length, config.recurrent_chunk_size)
+        total += batch * heads * length * span * 4 * 4 * kept_layers
+    return total
+
+
+def prefill_benchmark(
+    retnet: RetNetForCausalLM,
+    llama: nn.Module,
+    lengths: Sequence[int],
+    batch_size: int = 1,
+    modes: Sequence[str] = ("forward", "forward+backward"),
+    variants: Sequence[str] = PREFILL_VARIANTS,
+    repeats: int = 1,
+    memory_fraction: float = 0.7,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> List[dict]:
+    """Time and peak memory of a forward pass (`torch.no_grad()`, `use_cache=True`, logits of the last token only:
+    a prefill) and of forward+backward (labels = inputs, full logits, `loss.backward()`, no cache: a training
+    step without the optimiser; with `gradient_checkpointing`, both models recompute each layer in the backward
+    pass) against the sequence length, for RetNet's parallel and chunkwise forms
+    (`retention_form=`) and Llama with SDPA. Median of `repeats` after one warm-up at the shortest length.
+    A point is skipped when its predicted peak exceeds `memory_fraction` of the available memory: predicted from
+    the peak measured at the previous length of the same variant and mode, scaled with the length (squared for
+    the parallel form) and by 1.3 for safety, or at the first length by `estimate_prefill_bytes`. (There is no
+    swap on these machines: running out of memory would kill this process, or a neighbour's.) One row per
+    variant, length and mode."""
+    device = next(retnet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    models = {
+        "RetNet parallel": (retnet, "parallel"),
+        "RetNet chunkwise": (retnet, "chunkwise"),
+        "Llama SDPA": (llama, None),
+    }
+    rows = []
+
+    def run(model, form, ids, mode):
+        extra = {} if form is None else {"retention_form": form}
+        if mode == "forward":
+            with torch.no_grad():
+                model(ids, use_cache=True, logits_to_keep=1, **extra)
+        else:  # a training step (both models have dropout 0, so train mode changes nothing but checkpointing)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            try:
+                model(ids, labels=ids, use_cache=False, **extra).loss.backward()
+            finally:
+                model.zero_grad(set_to_none=True)
+                model.eval()
+
+    if gradient_checkpointing:
+        for model in (retnet, llama):
+            enable_activation_checkpointing(model)
+    shortest = min(lengths)
+    measured_peaks = {}
+    for mode in modes:
+        for variant in variants:  # warm-up
+            model, form = models[variant]
+            run(model, form, torch.zeros(batch_size, shortest, dtype=torch.long, device=device), mode)
+    for length in sorted(lengths):
+        ids = torch.randint(0, retnet.config.vocab_size, (batch_size, length), generator=generator).to(device)
+        for mode in modes:
+            for variant in variants:
+                model, form = models[variant]
+                previous = measured_peaks.get((variant, mode))
+                if previous is None:
+                    needed = estimate_prefill_bytes(
+                        variant, model, length, batch_size, mode != "forward", gradient_checkpointing
+                    )
+                else:
+                    power = 2 if variant == "RetNet parallel" else 1
+                    needed = int(1.3 * previous[1] * (length / previous[0]) ** power)
+                row = {"variant": variant, "length": length, "batch": batch_size, "mode": mode}
+                release_freed_memory(collect=False)  # memory malloc still holds from the previous point is free
+                if needed > memory_fraction * available_memory_bytes(device):
+                    rows.append({**row, "skipped": f"needs ~{needed / GB:.1f} GiB"})
+                    continue
+                log(f"prefill: {variant} {mode} {length} tokens")
+                times, peaks = [], []
+                for _ in range(repeats):
+                    with PeakMemory(device) as peak:
+                        times.append(timed(lambda: run(model, form, ids, mode), device))
+                    peaks.append(peak)
+                seconds = statistics.median(times)
+                peak_bytes = max(peak.peak_bytes for peak in peaks)
+                rss_bytes = None if peaks[0].rss_peak_bytes is None else max(peak.rss_peak_bytes for peak in peaks)
+                measured_peaks[(variant, mode)] = (length, peak_bytes)
+                rows.append(
+                    {
+                        **row,
+                        "seconds": seconds,
+                        "tokens/s": batch_size * length / seconds,
+                        "peak MB": peak_bytes / MB,
+                        "skipped": None,
+                        "RSS MB": None if rss_bytes is None else rss_bytes / MB,
+                    }
+                )
+        release_freed_memory()
+    return rows
+
+
+def chunkwise_crossover(rows: List[dict], mode: str, chunk_size: int = 0) -> Optional[int]:
+    """The shortest measured length from which RetNet's chunkwise form is faster than its parallel form at every
+    longer length where both were measured (None if it never is). Lengths up to `chunk_size` are left out: there
+    the chunkwise form is the parallel form (one chunk), and any difference is noise."""
+    seconds = {}
+    for row in rows:
+        if (
+            row["mode"] == mode
+            and not row.get("skipped")
+            and row["variant"] in PREFILL_VARIANTS[:2]
+            and row["length"] > chunk_size
+        ):
+            seconds.setdefault(row["length"], {})[row["variant"]] = row["seconds"]
+    both = sorted(length for length, pair in seconds.items() if len(pair) == 2)
+    crossover = None
+    for length in reversed(both):
+        if seconds[length]["RetNet chunkwise"] < seconds[length]["RetNet parallel"]:
+            crossover = length
+        else:
+            break
+    return crossover
+
+
+def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
+    """Where chunkwise overtakes parallel (lengths above one chunk), what was skipped, and the peak memory of
+    chunkwise against Llama at the longest length, per mode."""
+    lines = []
+    for mode in sorted({row["mode"] for row in rows}, key=len):
+        lengths = sorted({row["length"] for row in rows if row["mode"] == mode})
+        parallel = [row for row in rows if row["mode"] == mode and row["variant"] == "RetNet parallel"]
+        if parallel:  # the crossover and the parallel form's skips, where that form was asked for
+            measured = sorted(row["length"] for row in parallel if not row.get("skipped"))
+            longer = [length for length in measured if length > chunk_size]
+            crossover = chunkwise_crossover(rows, mode, chunk_size)
+            if crossover is not None:
+                lines.append(
+                    f"{mode}: chunkwise (chunk {chunk_size}) is faster than parallel from {crossover} tokens on"
+                )
+            elif longer:
+                lines.append(
+                    f"{mode}: chunkwise (chunk {chunk_size}) is not faster than parallel at the longest "
+                    f"length both ran ({longer[-1]})"
+                )
+            else:
+                lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
+            if len(measured) < len(parallel):
+                lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
+        peak = {
+            row["variant"]: row["peak MB"]
+            for row in rows
+            if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")
+        }
+        if "RetNet chunkwise" in peak and "Llama SDPA" in peak:
+            ratio = peak["RetNet chunkwise"] / peak["Llama SDPA"]
+            lines.append(
+                f"{mode} at {lengths[-1]} tokens: peak tensor memory RetNet chunkwise "
+                f"{peak['RetNet chunkwise']:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)"
+            )
+    return lines
+
+
+def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
+    """Time and peak memory against the sequence length, per variant and mode; saved as PNG."""
+    plt = pyplot()
+    modes = sorted({row["mode"] for row in rows}, key=len)
+    figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
+    colours = dict(zip(PREFILL_VARIANTS, ("tab:orange", "tab:blue", "tab:red")))
+    for column, mode in enumerate(modes):
+        for variant in PREFILL_VARIANTS:
+            points = sorted(
+                (row["length"], row["seconds"], row["peak MB"])
+                for row in rows
+                if row["mode"] == mode and row["variant"] == variant and not row.get("skipped")
+            )
+            if points:
+                x, t, m = zip(*points)
+                axes[0][column].plot(x, t, "-o", color=colours[variant], label=variant)
+                axes[1][column].plot(x, m, "-o", color=colours[variant], label=variant)
+        for row, label in ((0, "seconds"), (1, "peak tensor memory (MB)")):
+            axes[row][column].set_title(mode)
+            log_axes(axes[row][column], "sequence length (tokens)", label, fontsize=8)
+    return save_figure(plt, figure, title or "Prefill and training step", path)
+
+
+COLUMNS = ["variant", "length", "batch", "mode", "seconds", "tokens/s", "peak MB", "RSS MB"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--lengths", type=parse_ints, default=None, help="sequence lengths, default '512,1k,2k,4k,8k,16k'"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="default 1")
+    parser.add_argument("--modes", default="forward,forward+backward", help="default 'forward,forward+backward'")
+    parser.add_argument(
+        "--variants", default=",".join(PREFILL_VARIANTS), help=f"default '{','.join(PREFILL_VARIANTS)}'"
+    )
+    parser.add_argument("--chunk-size", type=int, default=None, help="RetNet chunk size (default: the config's, 512)")
+    parser.add_argument("--repeats", type=int, default=1, help="median over this many timings; default 1")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer in the backward pass (both models); it lets 16k training at "
+        "125M float32 fit in about 7 GB, where without it each needs 15 GB or more",
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.7,
+        help="skip a point when its predicted peak (the peak at the previous length, scaled, times "
+        "1.3) exceeds this fraction of the available memory; default 0.7",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size = "tiny"
+        args.bandwidth_mb = min(args.bandwidth_mb, 64)
+    args.lengths = args.lengths or ([32, 128] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    args.modes = args.modes.replace(" ", "").split(",")
+    args.variants = [variant.strip() for variant in args.variants.split(",")]
+    unknown = [variant for variant in args.variants if variant not in PREFILL_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(PREFILL_VARIANTS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = prepare_run(args)
+    overrides = {} if args.chunk_size is None else {"recurrent_chunk_size": args.chunk_size}
+    retnet_config = size_config(args.size, **overrides)
+    retnet, llama = build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
+    settings = (
+        f"settings: size {args.size}, {args.dtype}, lengths {args.lengths}, batch {args.batch_size}, "
+        f"modes {args.modes}, {args.repeats} repeat(s), gradient checkpointing {args.gradient_checkpointing}, "
+        f"memory fraction {args.memory_fraction}"
+    )
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc: fixed threshold, large blocks go back to the system
+        settings += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+    print(run["header"], describe_models(retnet, llama), settings, sep="\n", flush=True)
+    rows = prefill_benchmark(
+        retnet,
+        llama,
+        args.lengths,
+        args.batch_size,
+        args.modes,
+        args.variants,
+        args.repeats,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        memory_fraction=args.memory_fraction,
+        log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
+    )
+    table = format_table(rows, COLUMNS)
+    chunk = retnet_config.recurrent_chunk_size
+    summary = "\n".join(f"- {line}" for line in prefill_summary(rows, chunk))
+    note = (
+        "forward: no_grad, use_cache=True, last-token logits (a prefill); forward+backward: labels = inputs, "
+        f"full logits, loss.backward(). peak MB: {PeakMemory(args.device).method} (increase over the start); "
+        "RSS MB (CPU): sampled resident-set increase, which also counts memory malloc keeps after a free."
+    )
+    preamble = [run["header"], describe_models(retnet, llama), settings]
+    png = plot_prefill(rows, f"{args.out}/prefill.png", f"Prefill and training ({args.size}, {args.dtype})")
+    publish(args.out, "prefill", preamble, [table, note, summary], rows, png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

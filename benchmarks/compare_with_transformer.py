@@ -54,7 +54,8 @@ class ComparisonSettings:
     eval_blocks: int = field(default=64, metadata=dict(help="validation blocks, held out from training"))
     warmup_fraction: float = 0.1
     learning_rates: Tuple[float, ...] = field(
-        default=(1e-3, 3e-3, 1e-2), metadata=dict(flag="--lrs", help="learning rates, e.g. 1e-3,3e-3,1e-2")
+        default=(1e-3, 3e-3, 1e-2),
+        metadata=dict(flag="--lrs", parse=lambda text: tuple(map(float, text.split(","))), help="e.g. 1e-3,3e-3,1e-2"),
     )
     seed: int = 0
 

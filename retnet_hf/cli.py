@@ -7,14 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import UsageError
-from .presets import PRESETS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from .options import add_settings_options, positive_int, settings_from_args
 
 
 def _load_for_inference(folder: str):
@@ -65,28 +58,9 @@ def _is_main_process() -> bool:
 
 
 def cmd_train(args) -> None:
-    from .pretraining import pretrain
+    from .pretraining import PretrainSettings, pretrain
 
-    result = pretrain(
-        args.text,
-        args.output,
-        preset=args.preset,
-        model=args.model,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.lr,
-        max_steps=args.max_steps,
-        max_seconds=args.max_seconds,
-        eval_steps=args.eval_steps,
-        save_steps=args.save_steps,
-        seed=args.seed,
-        resume=not args.no_resume,
-        text_column=args.text_column,
-        fsdp=args.fsdp,
-    )
+    result = pretrain(settings_from_args(PretrainSettings, args))
     if not _is_main_process():
         return  # under torchrun / accelerate launch the main process reports
     print(
@@ -197,35 +171,11 @@ def cmd_convert(args) -> None:
 
 
 def cmd_sft(args) -> None:
-    from .finetuning import sft
+    from .finetuning import SFTSettings, sft
 
-    method = "qlora" if args.qlora else "full" if args.full else "lora"
-    if args.merge and method == "full":
-        raise UsageError("--merge applies to --lora and --qlora (a --full run already saves a whole model)")
-    result = sft(
-        args.model,
-        args.output,
-        data=args.data,
-        method=method,
-        rank=args.rank,
-        alpha=args.alpha,
-        learning_rate=args.lr,
-        max_length=args.max_length,
-        packing=args.packing,
-        epochs=args.epochs if args.epochs is not None else 1.0,
-        max_steps=args.max_steps if args.max_steps is not None else -1,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        completion_only=args.completion_only,
-        gradient_checkpointing=args.gradient_checkpointing,
-        merge=args.merge,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        text_column=args.text_column,
-        limit=args.limit,
-        seed=args.seed,
-        resume=not args.no_resume,
-    )
+    settings = settings_from_args(SFTSettings, args)
+    result = sft(settings)
+    method = settings.method
     what = "merged model" if result.merged else "LoRA adapter"
     loss = f"{result.train_loss:.3f}" if result.train_loss is not None else "n/a"
     print(
@@ -265,6 +215,9 @@ def cmd_push(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .finetuning import SFTSettings
+    from .pretraining import PretrainSettings
+
     parser = argparse.ArgumentParser(
         prog="retnet-hf",
         description="RetNet as a transformers model: train, generate, chat, and a demo on an embedded corpus.",
@@ -275,33 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--text", help="train on this text file instead of the embedded corpus (this package's source)")
     demo.add_argument("--output", default="retnet-demo", help="folder for the trained model (default retnet-demo)")
     demo.add_argument("--max-seconds", type=float, default=120.0, help="training time budget (default 120)")
-    demo.add_argument("--max-steps", type=_positive_int, default=1500, help="training steps at most (default 1500)")
+    demo.add_argument("--max-steps", type=positive_int, default=1500, help="training steps at most (default 1500)")
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="pretrain a RetNet from scratch, or continue one, on text")
-    train.add_argument("text", nargs="+", help="local .txt/.md/.jsonl/.json/.parquet/.csv files or a Hub data set id")
-    train.add_argument("--output", required=True, help="folder for checkpoints and the final model")
-    train.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
-    train.add_argument("--model", help="a model folder to continue training instead of a new model")
-    train.add_argument("--tokenizer", help="a tokenizer folder; by default a byte-level BPE is trained on the text")
-    train.add_argument("--vocab-size", type=_positive_int, default=4096, help="size of a trained tokenizer")
-    train.add_argument("--text-column", default="text", help="column of jsonl/parquet/csv/Hub data (default text)")
-    train.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training sequence")
-    train.add_argument("--batch-size", type=_positive_int, default=8)
-    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    train.add_argument("--max-steps", type=_positive_int, default=1000)
-    train.add_argument("--max-seconds", type=float, help="stop after this long")
-    train.add_argument("--eval-steps", type=_positive_int, default=100)
-    train.add_argument("--save-steps", type=_positive_int, default=200)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
-    train.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard weights, gradients and optimizer state across the processes of `torchrun` / "
-        "`accelerate launch` (FSDP, a decoder layer per unit); without it they train data-parallel",
-    )
+    add_settings_options(train, PretrainSettings)
     train.set_defaults(func=cmd_train)
 
     for name, help_text in (
@@ -312,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("model", help="a model folder")
         if name == "generate":
             sub.add_argument("--prompt", default="", help="text to continue")
-        sub.add_argument("--max-new-tokens", type=_positive_int, default=200 if name == "generate" else 128)
+        sub.add_argument("--max-new-tokens", type=positive_int, default=200 if name == "generate" else 128)
         sub.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
         sub.add_argument("--temperature", type=float, default=0.8)
         sub.add_argument("--top-p", type=float, default=0.9)
@@ -321,42 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     sft = commands.add_parser("sft", help="fine-tune a model folder on guanaco-style chat data (LoRA, QLoRA, full)")
-    sft.add_argument("model", help="a model folder (with its tokenizer)")
-    sft.add_argument("--output", required=True, help="folder for checkpoints and the adapter or merged model")
-    sft.add_argument(
-        "--data",
-        default="timdettmers/openassistant-guanaco",
-        help="a Hub data set id or a local .jsonl/.json/.parquet/.csv with '### Human: ... ### "
-        "Assistant: ...' or '<s>[INST] ... [/INST] ... </s>' rows (default "
-        "timdettmers/openassistant-guanaco)",
-    )
-    sft.add_argument("--text-column", default="text", help="the data's text column (default text)")
-    kind = sft.add_mutually_exclusive_group()
-    kind.add_argument("--lora", action="store_true", help="LoRA on a float base model (the default)")
-    kind.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit (nf4) base model")
-    kind.add_argument("--full", action="store_true", help="train every weight")
-    sft.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
-    sft.add_argument("--alpha", type=_positive_int, help="LoRA alpha (default 2 x rank)")
-    sft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, cosine schedule (default 2e-4)")
-    sft.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (default 512)")
-    sft.add_argument(
-        "--packing",
-        action="store_true",
-        help="pack documents into padding-free rows (the state resets at each document)",
-    )
-    sft.add_argument("--completion-only", action="store_true", help="loss on the last answer of each row only")
-    sft.add_argument("--gradient-checkpointing", action="store_true")
-    steps = sft.add_mutually_exclusive_group()
-    steps.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    steps.add_argument("--max-steps", type=_positive_int, help="optimiser steps (overrides epochs)")
-    sft.add_argument("--batch-size", type=_positive_int, default=4)
-    sft.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
-    sft.add_argument("--save-steps", type=_positive_int, default=200)
-    sft.add_argument("--logging-steps", type=_positive_int, default=10)
-    sft.add_argument("--limit", type=_positive_int, help="use only the first N rows")
-    sft.add_argument("--merge", action="store_true", help="save the model with the adapter merged in")
-    sft.add_argument("--seed", type=int, default=0)
-    sft.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    add_settings_options(sft, SFTSettings)
     sft.set_defaults(func=cmd_sft)
 
     convert = commands.add_parser("convert", help="convert a torchscale, syncdoth or fla RetNet checkpoint")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .model import CACHE_NAME
-from .pretraining import pretrain
+from .pretraining import PretrainSettings, pretrain
 
 
 def default_corpus() -> List[str]:
@@ -65,18 +65,20 @@ def run_demo(
     texts = list(texts) if texts else default_corpus()
     print_fn(f"Training a '{preset}' RetNet for up to {max_seconds:.0f} s on {len(texts)} file(s) ...")
     result = pretrain(
-        texts,
-        output_dir,
-        preset=preset,
-        vocab_size=1024,
-        block_size=128,
-        batch_size=8,
-        learning_rate=2e-3,
-        max_steps=max_steps,
-        max_seconds=max_seconds,
-        eval_steps=50,
-        save_steps=200,
-        resume=False,
+        PretrainSettings(
+            texts=tuple(texts),
+            output_dir=output_dir,
+            preset=preset,
+            vocab_size=1024,
+            block_size=128,
+            batch_size=8,
+            learning_rate=2e-3,
+            max_steps=max_steps,
+            max_seconds=max_seconds,
+            eval_steps=50,
+            save_steps=200,
+            resume=False,
+        )
     )
 
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()

@@ -19,14 +19,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .data import DEFAULT_DATASET, load_guanaco, save_tokenizer, set_chat_template
 from .errors import UsageError
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
+from .options import positive_int
 from .reports import plot_loss_curve
+from .training import base_training_arguments, last_checkpoint, logged_losses
 
 
 def linear4bit_modules(model) -> list:
@@ -117,38 +119,60 @@ class SFTResult:
     metrics: dict = field(default_factory=dict)
 
 
-METHODS = ("lora", "qlora", "full")
+METHODS = {
+    "lora": "LoRA on a float base model (the default)",
+    "qlora": "LoRA on a 4-bit (nf4) base model",
+    "full": "train every weight",
+}
 
 
-def sft(
-    model: str,
-    output_dir: str,
-    data: str = DEFAULT_DATASET,
-    method: str = "lora",
-    rank: int = 16,
-    alpha: Optional[int] = None,
-    lora_dropout: float = 0.05,
-    target_modules: Sequence[str] = tuple(LORA_TARGET_MODULES),
-    learning_rate: float = 2e-4,
-    max_length: int = 512,
-    packing: bool = False,
-    epochs: float = 1.0,
-    max_steps: int = -1,
-    batch_size: int = 4,
-    gradient_accumulation_steps: int = 1,
-    completion_only: bool = False,
-    gradient_checkpointing: bool = False,
-    merge: bool = False,
-    save_steps: int = 200,
-    logging_steps: int = 10,
-    text_column: str = "text",
-    limit: Optional[int] = None,
-    seed: int = 0,
-    resume: bool = True,
-    disable_tqdm: bool = False,
-    write_card: bool = True,
-) -> SFTResult:
-    """Fine-tune the model folder `model` on guanaco-form chat data with TRL's `SFTTrainer`.
+@dataclass
+class SFTSettings:
+    """One fine-tuning run; `retnet-hf sft`'s options are made from these fields."""
+
+    model: str = field(default="", metadata=dict(positional=True, help="a model folder (with its tokenizer)"))
+    output_dir: str = field(
+        default="",
+        metadata=dict(flag="--output", required=True, help="folder for checkpoints and the adapter or merged model"),
+    )
+    data: str = field(
+        default=DEFAULT_DATASET,
+        metadata=dict(
+            help="a Hub data set id or a local .jsonl/.json/.parquet/.csv with '### Human: ... ### Assistant: ...' "
+            f"or '<s>[INST] ... [/INST] ... </s>' rows (default {DEFAULT_DATASET})"
+        ),
+    )
+    text_column: str = field(default="text", metadata=dict(help="the data's text column (default text)"))
+    method: str = field(default="lora", metadata=dict(choices=METHODS, choice_flags=True))
+    rank: int = field(default=16, metadata=dict(parse=positive_int, help="LoRA rank (default 16)"))
+    alpha: Optional[int] = field(default=None, metadata=dict(parse=positive_int, help="LoRA alpha (default 2 x rank)"))
+    lora_dropout: float = field(default=0.05, metadata=dict(help="dropout on the LoRA path (default 0.05)"))
+    target_modules: Tuple[str, ...] = field(default=tuple(LORA_TARGET_MODULES), metadata=dict(cli=False))
+    learning_rate: float = field(default=2e-4, metadata=dict(flag="--lr", help="peak learning rate (cosine)"))
+    max_length: int = field(default=512, metadata=dict(parse=positive_int, help="tokens per sequence (default 512)"))
+    packing: bool = field(
+        default=False, metadata=dict(help="pack documents into padding-free rows (the state resets at each document)")
+    )
+    completion_only: bool = field(default=False, metadata=dict(help="loss on the last answer of each row only"))
+    gradient_checkpointing: bool = False
+    epochs: float = field(default=1.0, metadata=dict(group="steps", help="passes over the data (default 1)"))
+    max_steps: int = field(
+        default=-1, metadata=dict(group="steps", parse=positive_int, help="optimiser steps (overrides epochs)")
+    )
+    batch_size: int = field(default=4, metadata=dict(parse=positive_int))
+    gradient_accumulation_steps: int = field(default=1, metadata=dict(parse=positive_int))
+    save_steps: int = field(default=200, metadata=dict(parse=positive_int))
+    logging_steps: int = field(default=10, metadata=dict(parse=positive_int))
+    limit: Optional[int] = field(default=None, metadata=dict(parse=positive_int, help="use only the first N rows"))
+    merge: bool = field(default=False, metadata=dict(help="save the model with the adapter merged in"))
+    seed: int = 0
+    resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
+    disable_tqdm: bool = field(default=False, metadata=dict(cli=False))
+    write_card: bool = field(default=True, metadata=dict(cli=False))
+
+
+def sft(settings: SFTSettings) -> SFTResult:
+    """Fine-tune the model folder `settings.model` on guanaco-form chat data with TRL's `SFTTrainer`.
 
     `method`: "lora" (float base, LoRA on `target_modules`), "qlora" (4-bit nf4 base, LoRA), "full" (every weight).
     Checkpoints go to `output_dir/checkpoints` and a run resumes from the newest one; `output_dir` gets the adapter
@@ -156,131 +180,156 @@ def sft(
     `merge=True` (or `method="full"`) a whole model that loads with `AutoModelForCausalLM`; the tokenizer with the
     guanaco chat template, `loss.png` and `training_summary.json`.
     """
-    from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
-
-    try:
-        from peft import get_peft_model
-        from trl import SFTConfig, SFTTrainer
-    except ImportError as error:
-        raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
-
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{model}: not a model folder (no config.json)")
-    if max_length < 2:
-        raise UsageError(f"--max-length must be at least 2, got {max_length}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except Exception as error:
-        raise UsageError(f"{model}: cannot load its tokenizer: {error}") from error
-    set_chat_template(tokenizer)
-    dataset = load_guanaco(data, text_column=text_column, completion_only=completion_only, limit=limit)
-
-    torch.manual_seed(seed)
-    on_gpu = torch.cuda.is_available()
-    try:
-        net = load_model(str(folder.resolve()), method)  # the adapter then names the base by its full path
-    except Exception as error:
-        raise UsageError(f"{model}: cannot load the model: {error}") from error
-    if net.get_input_embeddings().num_embeddings < len(tokenizer):
-        net.resize_token_embeddings(len(tokenizer))
-    if method == "qlora":
-        net = prepare_for_kbit(net, gradient_checkpointing=gradient_checkpointing)
-    if method in ("lora", "qlora"):
-        net = get_peft_model(net, lora_config(rank, alpha, lora_dropout, target_modules))
-        disable_cpu_inference_repacking(net)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-
-    output = Path(output_dir)
-    checkpoints = output / "checkpoints"
-    config = SFTConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_length=max_length,
-        packing=packing,
-        completion_only_loss=completion_only if completion_only else None,
-        # TRL defaults gradient checkpointing to on; set under the running transformers' name, so it is not renamed
-        **{ACTIVATION_CHECKPOINTING: gradient_checkpointing},
-        logging_steps=min(logging_steps, max_steps) if max_steps > 0 else logging_steps,  # short runs log too
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=2,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not on_gpu,
-        report_to=[],
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=disable_tqdm,
-        dataset_text_field="text",
-    )
-    trainer = SFTTrainer(model=net, args=config, train_dataset=dataset, processing_class=tokenizer)
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    s = settings
+    _check(s)
+    tokenizer, dataset = _tokenizer_and_data(s)
+    torch.manual_seed(s.seed)
+    model = _trainable_model(s, tokenizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainer = _trainer(s, model, tokenizer, dataset)
+    checkpoints = Path(s.output_dir) / "checkpoints"
+    last = last_checkpoint(checkpoints, s.resume)
     start = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - start
+    merged = _save(s, trainer.model, tokenizer)
+    plot_loss_curve(trainer.state.log_history, Path(s.output_dir) / "loss.png")
+    losses = logged_losses(trainer.state.log_history)
+    result = SFTResult(
+        output_dir=Path(s.output_dir),
+        steps=trainer.state.global_step,
+        train_loss=losses[-1] if losses else train_output.training_loss,
+        losses=losses,
+        seconds=seconds,
+        merged=merged,
+        trainable_parameters=trainable,
+        resumed_from=last,
+        metrics=dict(train_output.metrics),
+    )
+    _summarise(s, result)
+    return result
 
+
+def _check(s: SFTSettings) -> None:
+    if s.method not in METHODS:
+        raise UsageError(f"unknown method {s.method!r}; choose one of: {', '.join(METHODS)}")
+    if s.merge and s.method == "full":
+        raise UsageError("--merge applies to --lora and --qlora (a --full run already saves a whole model)")
+    if not (Path(s.model) / "config.json").is_file():
+        raise UsageError(f"{s.model}: not a model folder (no config.json)")
+    if s.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, got {s.max_length}")
+
+
+def _tokenizer_and_data(s: SFTSettings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(s.model)
+    except Exception as error:
+        raise UsageError(f"{s.model}: cannot load its tokenizer: {error}") from error
+    set_chat_template(tokenizer)
+    return tokenizer, load_guanaco(s.data, text_column=s.text_column, completion_only=s.completion_only, limit=s.limit)
+
+
+def _trainable_model(s: SFTSettings, tokenizer):
+    """The base model (4-bit for QLoRA) with LoRA adapters, or the whole model for full fine-tuning."""
+    try:
+        from peft import get_peft_model
+    except ImportError as error:
+        raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
+    try:
+        model = load_model(str(Path(s.model).resolve()), s.method)  # the adapter then names the base by its path
+    except Exception as error:
+        raise UsageError(f"{s.model}: cannot load the model: {error}") from error
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if s.method == "qlora":
+        model = prepare_for_kbit(model, gradient_checkpointing=s.gradient_checkpointing)
+    if s.method in ("lora", "qlora"):
+        model = get_peft_model(model, lora_config(s.rank, s.alpha, s.lora_dropout, s.target_modules))
+        disable_cpu_inference_repacking(model)
+    return model
+
+
+def _trainer(s: SFTSettings, model, tokenizer, dataset):
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as error:
+        raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
+    config = SFTConfig(
+        **base_training_arguments(
+            Path(s.output_dir) / "checkpoints",
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            gradient_accumulation_steps=s.gradient_accumulation_steps,
+            max_steps=s.max_steps,
+            save_steps=s.save_steps,
+            seed=s.seed,
+        ),
+        num_train_epochs=s.epochs,
+        warmup_steps=0,
+        max_length=s.max_length,
+        packing=s.packing,
+        completion_only_loss=s.completion_only if s.completion_only else None,
+        # TRL defaults gradient checkpointing to on; set under the running transformers' name, so it is not renamed
+        **{ACTIVATION_CHECKPOINTING: s.gradient_checkpointing},
+        logging_steps=min(s.logging_steps, s.max_steps) if s.max_steps > 0 else s.logging_steps,  # short runs log
+        disable_tqdm=s.disable_tqdm,
+        dataset_text_field="text",
+    )
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+
+def _save(s: SFTSettings, trained, tokenizer) -> bool:
+    """The adapter, or the merged or fully trained model, and the tokenizer; returns whether a whole model was
+    saved."""
+    output = Path(s.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    trained = trainer.model
-    merged = False
-    if method != "full" and merge:
-        if method == "qlora":
+    merged = s.method == "full"
+    if s.method != "full" and s.merge:
+        if s.method == "qlora":
             # the nf4 base cannot hold merged weights exactly: merge into the float base model instead
             from peft import PeftModel
 
             trained.save_pretrained(str(output / "adapter"))
-            base = load_model(str(folder.resolve()), "lora")
+            base = load_model(str(Path(s.model).resolve()), "lora")
             trained = PeftModel.from_pretrained(base, str(output / "adapter"))
         trained = trained.merge_and_unload()
         merged = True
     trained.save_pretrained(str(output))
     save_tokenizer(tokenizer, output)
-    plot_loss_curve(trainer.state.log_history, output / "loss.png")
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result = SFTResult(
-        output_dir=output,
-        steps=trainer.state.global_step,
-        train_loss=losses[-1] if losses else train_output.training_loss,
-        losses=losses,
-        seconds=seconds,
-        merged=merged or method == "full",
-        trainable_parameters=trainable,
-        resumed_from=last,
-        metrics=dict(train_output.metrics),
-    )
+    return merged
+
+
+def _summarise(s: SFTSettings, result: SFTResult) -> None:
+    """training_summary.json and the model card."""
+    lora = s.method != "full"
     training = {
-        "method": method,
-        "data": data,
+        "method": s.method,
+        "data": s.data,
         "steps": result.steps,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "rank": rank if method != "full" else None,
-        "alpha": (alpha if alpha is not None else 2 * rank) if method != "full" else None,
-        "target_modules": list(target_modules) if not isinstance(target_modules, str) else target_modules,
-        "learning_rate": learning_rate,
-        "max_length": max_length,
-        "packing": packing,
-        "completion_only_loss": completion_only,
-        "gradient_checkpointing": gradient_checkpointing,
-        "batch_size": batch_size,
+        "epochs": s.epochs,
+        "max_steps": s.max_steps,
+        "rank": s.rank if lora else None,
+        "alpha": (s.alpha if s.alpha is not None else 2 * s.rank) if lora else None,
+        "target_modules": list(s.target_modules) if not isinstance(s.target_modules, str) else s.target_modules,
+        "learning_rate": s.learning_rate,
+        "max_length": s.max_length,
+        "packing": s.packing,
+        "completion_only_loss": s.completion_only,
+        "gradient_checkpointing": s.gradient_checkpointing,
+        "batch_size": s.batch_size,
         "merged": result.merged,
         "train_loss": result.train_loss,
-        "trainable_parameters": trainable,
-        "resumed_from": last,
-        "seconds": round(seconds, 1),
+        "trainable_parameters": result.trainable_parameters,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 1),
     }
-    (output / "training_summary.json").write_text(json.dumps({"base_model": str(model), **training}, indent=2))
-    if write_card:
-        _write_card(output, model, data, training)
-    return result
+    output = Path(s.output_dir)
+    (output / "training_summary.json").write_text(json.dumps({"base_model": str(s.model), **training}, indent=2))
+    if s.write_card:
+        _write_card(output, s.model, s.data, training)
 
 
 def _write_card(output: Path, model: str, data: str, training: dict) -> None:

@@ -1,9 +1,12 @@
 """Command-line options built from a run's settings dataclass, so that each setting is declared once.
 
-A field becomes `--field-name` with the field's default and type; its `metadata` may give `help`, `flag` (another
-option name), `positional=True`, `choices`, `parse` (a function from the text to the value), and `cli=False` to
-keep the field off the command line. `bool` fields take `--name` / `--no-name`; tuple fields take
-comma-separated values.
+A field becomes `--field-name` with the field's default and type. Its `metadata` may give:
+- `help`; `flag`: another option name (`--lr` for `learning_rate`); `positional=True`; `required=True`;
+- `parse`: a function from the text to the value (a tuple field without one takes several texts, `nargs="+"`);
+- `choices`; `choice_flags=True`: one flag per choice instead (`--lora` / `--qlora` / `--full` for `method`);
+- `group`: fields of the same group name exclude each other on the command line;
+- `cli=False`: not on the command line.
+`bool` fields take `--name` / `--no-name`.
 """
 
 import argparse
@@ -12,44 +15,67 @@ import typing
 from typing import Any, Type
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_settings_options(parser: argparse.ArgumentParser, settings: Type, **defaults: Any) -> None:
     """One option per field of the dataclass `settings` (`defaults` override the dataclass's own)."""
     hints = typing.get_type_hints(settings)
+    groups = {}
     for field in dataclasses.fields(settings):
         meta = field.metadata
         if not meta.get("cli", True):
             continue
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
         default = defaults.get(field.name, _default(field))
-        kind = hints[field.name]
-        options = dict(help=meta.get("help", ""), default=default)
+        if meta.get("choice_flags"):
+            group = parser.add_mutually_exclusive_group()
+            for choice, text in meta["choices"].items():
+                group.add_argument(f"--{choice}", dest=field.name, action="store_const", const=choice, help=text)
+            parser.set_defaults(**{field.name: default})
+            continue
+        options = dict(help=meta.get("help", ""), **_kind(hints[field.name], meta))
         if "choices" in meta:
-            options["choices"] = meta["choices"]
-        base = typing.get_origin(kind) or kind
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif base is tuple:
-            inner = typing.get_args(kind)[0]
-            options["type"] = meta.get("parse", lambda text, inner=inner: tuple(inner(x) for x in text.split(",")))
-        elif base is typing.Union:  # Optional[X]
-            options["type"] = meta.get("parse", next(a for a in typing.get_args(kind) if a is not type(None)))
-        else:
-            options["type"] = meta.get("parse", kind)
+            options["choices"] = list(meta["choices"])
         if meta.get("positional"):
-            if (
-                "default" in options
-                and field.default is dataclasses.MISSING
-                and field.default_factory is dataclasses.MISSING
-            ):
-                options.pop("default")
-            parser.add_argument(field.name, metavar=field.name.upper(), **options)
+            target.add_argument(field.name, metavar=field.name.upper(), **options)
         else:
-            parser.add_argument(meta.get("flag", "--" + field.name.replace("_", "-")), dest=field.name, **options)
+            flag = meta.get("flag", "--" + field.name.replace("_", "-"))
+            if "type" in options:
+                options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+            if meta.get("required"):
+                options["required"] = True
+            else:
+                options["default"] = default
+            target.add_argument(flag, dest=field.name, **options)
 
 
 def settings_from_args(settings: Type, args: argparse.Namespace, **values: Any):
-    """The dataclass `settings` from the parsed `args` (and `values` for fields that are not options)."""
+    """The dataclass `settings` from the parsed `args` (and `values`, which win)."""
     names = {field.name for field in dataclasses.fields(settings)}
-    return settings(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+    return settings(**{**given, **values})
+
+
+def _kind(kind, meta) -> dict:
+    """argparse's `type` / `action` / `nargs` for a field of type `kind`."""
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    base, args = typing.get_origin(kind), typing.get_args(kind)
+    if base is tuple:  # several values, or one text that `parse` makes a tuple of
+        return {"type": meta["parse"]} if "parse" in meta else {"type": args[0], "nargs": "+"}
+    if base is typing.Union:  # Optional[X]
+        kind = next(arg for arg in args if arg is not type(None))
+    return {"type": meta.get("parse", kind)}
 
 
 def _default(field: dataclasses.Field) -> Any:

@@ -1,42 +1,88 @@
-"""Pretraining a RetNet from text with transformers' Trainer: presets, tokenizer training, data, the run itself."""
+"""Pretraining a RetNet from text with transformers' Trainer: `PretrainSettings` and the `pretrain` recipe.
+
+`pretrain(settings)` runs four phases: the training arguments, the tokenizer and the token blocks (on the main
+process first), the model (a preset or a folder to continue), then training and what the run leaves in its
+folder (model, tokenizer, generation config, `loss.png`, `training_summary.json`, the model card).
+"""
 
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, default_data_collator
-from transformers.trainer_callback import TrainerCallback
 
 from .data import load_texts, save_tokenizer, token_blocks, train_tokenizer
 from .errors import UsageError
 from .model import RetNetForCausalLM
-from .presets import preset_config
+from .options import positive_int
+from .presets import PRESETS, preset_config
 from .reports import plot_loss_curve
+from .training import base_training_arguments, last_checkpoint, logged_losses
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once `seconds` have passed (the demo's budget)."""
+def time_budget(seconds: float):
+    """A Trainer callback that stops training once `seconds` have passed (the demo's budget). Under torchrun all
+    ranks stop at the same step: rank 0's clock decides. (Made here, not at import: transformers' callback module
+    imports peft and bitsandbytes, which `retnet-hf --help` does not need.)"""
+    from transformers import TrainerCallback
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = None
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = time.monotonic() - self.start > seconds
+            if args.world_size > 1:
+                flag = torch.tensor([float(stop)], device=args.device)
+                torch.distributed.broadcast(flag, src=0)
+                stop = bool(flag.item())
+            if stop:
+                control.should_training_stop = True
 
-    def on_step_end(self, args, state, control, **kwargs):
-        stop = time.monotonic() - self.start > self.seconds
-        if args.world_size > 1:  # under torchrun all ranks must stop at the same step: rank 0's clock decides
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        if stop:
-            control.should_training_stop = True
+    return TimeBudget()
+
+
+@dataclass
+class PretrainSettings:
+    """One pretraining run; `retnet-hf train`'s options are made from these fields."""
+
+    texts: Tuple[str, ...] = field(
+        default=(),
+        metadata=dict(positional=True, help="local .txt/.md/.jsonl/.json/.parquet/.csv files or a Hub data set id"),
+    )
+    output_dir: str = field(
+        default="", metadata=dict(flag="--output", required=True, help="folder for checkpoints and the final model")
+    )
+    preset: str = field(default="tiny", metadata=dict(choices=PRESETS, help="model size (default tiny)"))
+    model: Optional[str] = field(default=None, metadata=dict(help="a model folder to continue instead of a new model"))
+    tokenizer: Optional[str] = field(
+        default=None, metadata=dict(help="a tokenizer folder; by default a byte-level BPE is trained on the text")
+    )
+    vocab_size: int = field(default=4096, metadata=dict(parse=positive_int, help="size of a trained tokenizer"))
+    text_column: str = field(default="text", metadata=dict(help="column of jsonl/parquet/csv/Hub data (default text)"))
+    block_size: int = field(default=256, metadata=dict(parse=positive_int, help="tokens per training sequence"))
+    batch_size: int = field(default=8, metadata=dict(parse=positive_int))
+    gradient_accumulation_steps: int = field(default=1, metadata=dict(parse=positive_int))
+    learning_rate: float = field(default=1e-3, metadata=dict(flag="--lr", help="peak learning rate (cosine schedule)"))
+    max_steps: int = field(default=1000, metadata=dict(parse=positive_int))
+    max_seconds: Optional[float] = field(default=None, metadata=dict(help="stop after this long"))
+    warmup_steps: int = field(default=50, metadata=dict(help="warm-up steps (at most a tenth of the steps)"))
+    eval_fraction: float = field(default=0.05, metadata=dict(help="share of the blocks held out for evaluation"))
+    eval_steps: int = field(default=100, metadata=dict(parse=positive_int))
+    save_steps: int = field(default=200, metadata=dict(parse=positive_int))
+    seed: int = 0
+    resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
+    fsdp: bool = field(
+        default=False,
+        metadata=dict(
+            help="shard weights, gradients and optimizer state across the processes of `torchrun` / "
+            "`accelerate launch` (FSDP, a decoder layer per unit); without it they train data-parallel"
+        ),
+    )
 
 
 @dataclass
@@ -54,190 +100,175 @@ class TrainResult:
         return None if self.eval_loss is None else math.exp(min(self.eval_loss, 50))
 
 
-def pretrain(
-    texts: Sequence[str],
-    output_dir: str,
-    preset: str = "tiny",
-    model: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    vocab_size: int = 4096,
-    block_size: int = 256,
-    batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-3,
-    max_steps: int = 1000,
-    max_seconds: Optional[float] = None,
-    warmup_steps: int = 50,
-    eval_fraction: float = 0.05,
-    eval_steps: int = 100,
-    save_steps: int = 200,
-    seed: int = 0,
-    resume: bool = True,
-    text_column: str = "text",
-    fsdp: bool = False,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> TrainResult:
-    """Train a RetNet from scratch (`preset`) or continue one (`model`, a folder) on `texts`.
+def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResult:
+    """Train a RetNet from scratch (`settings.preset`) or continue one (`settings.model`, a folder) on text.
 
-    Checkpoints go to `output_dir/checkpoints` and a run resumes from the newest one; the final model, tokenizer,
-    generation config, model card and `loss.png` go to `output_dir`.
-
-    Under `torchrun` / `accelerate launch` every process runs this function and Trainer trains data-parallel (DDP),
-    or with `fsdp=True` fully sharded (FSDP, one `RetNetDecoderLayer` per wrap unit): the main process reads the
-    text and trains the tokenizer while the others wait, then load what it saved; only the main process writes.
+    Checkpoints go to `output_dir/checkpoints` and a run resumes from the newest one. Under `torchrun` /
+    `accelerate launch` every process runs this function and Trainer trains data-parallel (DDP), or with `fsdp`
+    fully sharded (one `RetNetDecoderLayer` per wrap unit); only the main process writes.
     """
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import Trainer, default_data_collator
 
-    output = Path(output_dir)
-    checkpoints = output / "checkpoints"
-    on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(warmup_steps, max_steps // 10),
-        weight_decay=0.01,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=2,
-        logging_steps=max(1, min(10, eval_steps)),
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not on_gpu,
-        report_to=[],
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        ddp_find_unused_parameters=False,  # every weight takes part in each step
-        # FSDP through Trainer's own integration (FSDP2 in transformers 5.x; `fsdp="full_shard auto_wrap"` is its
-        # deprecated spelling): full sharding, one RetNetDecoderLayer per wrap unit
-        fsdp=fsdp,
-        fsdp_config={"transformer_layer_cls_to_wrap": ["RetNetDecoderLayer"], "reshard_after_forward": True}
-        if fsdp
-        else None,
-    )
-    if fsdp and args.use_cpu:
-        # accelerate (1.15) turns FSDP on only for multi-GPU/accelerator runs; on CPU processes it would drop the
-        # plugin without a word and train data-parallel, so say so instead
-        raise UsageError(
-            "--fsdp needs GPUs (or other accelerators): accelerate applies FSDP only to multi-device "
-            "runs, not to CPU processes; without --fsdp the processes train data-parallel (DDP)"
-        )
-    with args.main_process_first(local=False, desc="tokenizer and data"):  # the others wait, then reuse its work
-        data = load_texts(texts, text_column)
-        if tokenizer is None and model is not None and (Path(model) / "tokenizer.json").exists():
-            tokenizer = model
-        trained_tokenizer = checkpoints / "tokenizer"  # kept so that a resumed run uses the same one
-        if tokenizer is None and (resume or args.process_index > 0) and (trained_tokenizer / "tokenizer.json").exists():
-            tokenizer = str(trained_tokenizer)
-        if tokenizer is not None:
-            tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-        else:
-            tok = train_tokenizer((row["text"] for row in data), vocab_size)
-            save_tokenizer(tok, trained_tokenizer)
-
-        blocks = token_blocks(data, tok, block_size).shuffle(seed=seed)
-    n_eval = max(1, int(len(blocks) * eval_fraction))
-    eval_set, train_set = blocks.select(range(n_eval)), blocks.select(range(n_eval, len(blocks)))
-
-    torch.manual_seed(seed)
-    if model is not None:
-        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)
-        if net.get_input_embeddings().num_embeddings < len(tok):
-            net.resize_token_embeddings(len(tok))
-    else:
-        net = RetNetForCausalLM(preset_config(preset, len(tok), tok))
-    num_parameters = net.num_parameters()  # before FSDP shards the weights
-
-    callbacks = list(callbacks) + ([TimeBudget(max_seconds)] if max_seconds else [])
+    s = settings
+    args = _training_arguments(s)
+    tokenizer, train_set, eval_set = _tokenizer_and_blocks(s, args)
+    torch.manual_seed(s.seed)
+    model = _model(s, tokenizer)
+    num_parameters = model.num_parameters()  # before FSDP shards the weights
+    callbacks = list(callbacks) + ([time_budget(s.max_seconds)] if s.max_seconds else [])
     trainer = Trainer(
-        model=net,
+        model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
     start = time.monotonic()
-    train_output = trainer.train(resume_from_checkpoint=last)
+    train_output = trainer.train(resume_from_checkpoint=last_checkpoint(Path(args.output_dir), s.resume))
     seconds = time.monotonic() - start
     metrics = trainer.evaluate()
-
-    output.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(output))  # every rank takes part (FSDP gathers the full weights); the main one writes
-    if trainer.is_world_process_zero():
-        save_tokenizer(tok, output)
-        plot_loss_curve(trainer.state.log_history, output / "loss.png")
-    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = logged_losses(trainer.state.log_history)
     result = TrainResult(
-        output_dir=output,
+        output_dir=Path(s.output_dir),
         steps=trainer.state.global_step,
-        train_loss=train_losses[-1] if train_losses else train_output.training_loss,
+        train_loss=losses[-1] if losses else train_output.training_loss,
         eval_loss=metrics.get("eval_loss"),
         seconds=seconds,
         num_parameters=num_parameters,
         metrics=metrics,
     )
-    if not trainer.is_world_process_zero():
-        return result
-    (output / "training_summary.json").write_text(
-        json.dumps(
-            {
-                "preset": preset if model is None else None,
-                "base_model": model,
-                "texts": [os.fspath(t) for t in texts],
-                "steps": result.steps,
-                "block_size": block_size,
-                "batch_size": batch_size,
-                "gradient_accumulation_steps": gradient_accumulation_steps,
-                "learning_rate": learning_rate,
-                "train_loss": result.train_loss,
-                "eval_loss": result.eval_loss,
-                "eval_perplexity": result.eval_perplexity,
-                "num_parameters": result.num_parameters,
-                "seconds": round(seconds, 1),
-            },
-            indent=2,
-        )
+    _save(s, trainer, tokenizer, result, len(eval_set))
+    return result
+
+
+def _training_arguments(s: PretrainSettings):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        **base_training_arguments(
+            Path(s.output_dir) / "checkpoints",
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            gradient_accumulation_steps=s.gradient_accumulation_steps,
+            max_steps=s.max_steps,
+            save_steps=s.save_steps,
+            seed=s.seed,
+        ),
+        per_device_eval_batch_size=s.batch_size,
+        warmup_steps=min(s.warmup_steps, s.max_steps // 10),
+        weight_decay=0.01,
+        eval_strategy="steps",
+        eval_steps=s.eval_steps,
+        logging_steps=max(1, min(10, s.eval_steps)),
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # every weight takes part in each step
+        # FSDP through Trainer's own integration (FSDP2 in transformers 5.x): one RetNetDecoderLayer per wrap unit
+        fsdp=s.fsdp,
+        fsdp_config={"transformer_layer_cls_to_wrap": ["RetNetDecoderLayer"], "reshard_after_forward": True}
+        if s.fsdp
+        else None,
     )
+    if s.fsdp and args.use_cpu:
+        # accelerate (1.15) turns FSDP on only for multi-GPU/accelerator runs; on CPU processes it would drop the
+        # plugin without a word and train data-parallel, so say so instead
+        raise UsageError(
+            "--fsdp needs GPUs (or other accelerators): accelerate applies FSDP only to multi-device "
+            "runs, not to CPU processes; without --fsdp the processes train data-parallel (DDP)"
+        )
+    return args
+
+
+def _tokenizer_and_blocks(s: PretrainSettings, args):
+    """The tokenizer (given, the continued model's, a resumed run's, or trained on the text) and the training and
+    evaluation blocks; the main process goes first, the others wait and reuse what it saved."""
+    from transformers import PreTrainedTokenizerFast
+
+    checkpoints = Path(args.output_dir)
+    with args.main_process_first(local=False, desc="tokenizer and data"):
+        data = load_texts(s.texts, s.text_column)
+        source = s.tokenizer
+        if source is None and s.model is not None and (Path(s.model) / "tokenizer.json").exists():
+            source = s.model
+        trained = checkpoints / "tokenizer"  # kept so that a resumed run uses the same one
+        if source is None and (s.resume or args.process_index > 0) and (trained / "tokenizer.json").exists():
+            source = str(trained)
+        if source is not None:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer = train_tokenizer((row["text"] for row in data), s.vocab_size)
+            save_tokenizer(tokenizer, trained)
+        blocks = token_blocks(data, tokenizer, s.block_size).shuffle(seed=s.seed)
+    n_eval = max(1, int(len(blocks) * s.eval_fraction))
+    return tokenizer, blocks.select(range(n_eval, len(blocks))), blocks.select(range(n_eval))
+
+
+def _model(s: PretrainSettings, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if s.model is None:
+        return RetNetForCausalLM(preset_config(s.preset, len(tokenizer), tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(s.model, trust_remote_code=True)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: int) -> None:
+    """The model (every rank takes part: FSDP gathers the weights), then on the main process the tokenizer, the
+    loss curve, the run summary and the model card."""
+    output = Path(s.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(output))
+    if not trainer.is_world_process_zero():
+        return
+    save_tokenizer(tokenizer, output)
+    plot_loss_curve(trainer.state.log_history, output / "loss.png")
+    texts = [os.fspath(t) for t in s.texts]
+    summary = {
+        "preset": s.preset if s.model is None else None,
+        "base_model": s.model,
+        "texts": texts,
+        "steps": result.steps,
+        **{key: asdict(s)[key] for key in ("block_size", "batch_size", "gradient_accumulation_steps", "learning_rate")},
+        "train_loss": result.train_loss,
+        "eval_loss": result.eval_loss,
+        "eval_perplexity": result.eval_perplexity,
+        "num_parameters": result.num_parameters,
+        "seconds": round(result.seconds, 1),
+    }
+    (output / "training_summary.json").write_text(json.dumps(summary, indent=2))
     from .model_card import write_model_card  # the card (README.md): this run's settings and measured figures
 
-    local_base = model is not None and Path(model).exists()
+    args = trainer.args
+    local_base = s.model is not None and Path(s.model).exists()
     write_model_card(
         output,
-        base_model=None if model is None or local_base else model,
-        datasets=[os.fspath(t) for t in texts if not Path(t).exists()],
+        base_model=None if s.model is None or local_base else s.model,
+        datasets=[t for t in texts if not Path(t).exists()],
         local_data=[Path(t).name for t in texts if Path(t).exists()],
-        source=f"Continued from the local model folder `{Path(model).name}`." if local_base else None,
+        source=f"Continued from the local model folder `{Path(s.model).name}`." if local_base else None,
         training={
-            "model size preset": preset if model is None else None,
+            "model size preset": s.preset if s.model is None else None,
             "parameters": result.num_parameters,
-            "tokenizer vocabulary": len(tok),
+            "tokenizer vocabulary": len(tokenizer),
             "training steps": result.steps,
-            "sequence length (tokens)": block_size,
-            "batch size per device": batch_size,
+            "sequence length (tokens)": s.block_size,
+            "batch size per device": s.batch_size,
             "processes": args.world_size,
-            "gradient accumulation steps": gradient_accumulation_steps,
-            "peak learning rate": learning_rate,
+            "gradient accumulation steps": s.gradient_accumulation_steps,
+            "peak learning rate": s.learning_rate,
             "schedule": f"cosine, {args.warmup_steps} warm-up steps, weight decay {args.weight_decay}",
             "precision": "bf16 mixed" if args.bf16 else "float32",
-            "seed": seed,
-            "training time (s)": round(seconds, 1),
+            "seed": s.seed,
+            "training time (s)": round(result.seconds, 1),
         },
         evaluation={
             "eval loss (nats/token)": result.eval_loss,
             "eval perplexity": result.eval_perplexity,
             "last logged training loss": result.train_loss,
         },
-        evaluation_note=f"{n_eval} held-out blocks of {block_size} tokens, {n_eval * block_size:,} tokens",
+        evaluation_note=f"{n_eval} held-out blocks of {s.block_size} tokens, {n_eval * s.block_size:,} tokens",
     )
-    return result

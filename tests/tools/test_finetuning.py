@@ -32,7 +32,13 @@ from retnet_hf.data import (  # noqa: E402
     to_guanaco,
     train_tokenizer,
 )
-from retnet_hf.finetuning import disable_cpu_inference_repacking, linear4bit_modules, prepare_for_kbit, sft  # noqa: E402
+from retnet_hf.finetuning import (  # noqa: E402
+    SFTSettings,
+    disable_cpu_inference_repacking,
+    linear4bit_modules,
+    prepare_for_kbit,
+    sft,
+)  # noqa: E402
 
 from conftest import SHARED_DATA, tiny_config  # noqa: E402
 
@@ -553,18 +559,20 @@ def test_sft_command_merges_resumes_and_chats(tmp_path, folder, short_jsonl, cap
 
 def test_sft_adapter_folder_loads_with_peft(tmp_path, folder, short_jsonl):
     result = sft(
-        str(folder),
-        str(tmp_path / "adapter"),
-        data=str(short_jsonl),
-        method="qlora",
-        rank=4,
-        max_steps=2,
-        max_length=64,
-        batch_size=4,
-        learning_rate=1e-2,
-        completion_only=True,
-        disable_tqdm=True,
-        save_steps=100,
+        SFTSettings(
+            model=str(folder),
+            output_dir=str(tmp_path / "adapter"),
+            data=str(short_jsonl),
+            method="qlora",
+            rank=4,
+            max_steps=2,
+            max_length=64,
+            batch_size=4,
+            learning_rate=1e-2,
+            completion_only=True,
+            disable_tqdm=True,
+            save_steps=100,
+        )
     )
     assert not result.merged and (tmp_path / "adapter" / "adapter_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(folder)

@@ -350,13 +350,13 @@ def test_push_dry_run_lists_what_would_be_uploaded(folder, capsys):
 
 
 def test_pretrain_writes_a_complete_folder_with_its_card(tmp_path):
-    from retnet_hf.pretraining import pretrain
+    from retnet_hf.pretraining import PretrainSettings, pretrain
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(LINES * 6))
-    result = pretrain(
-        [str(text)],
-        str(tmp_path / "out"),
+    settings = PretrainSettings(
+        texts=(str(text),),
+        output_dir=str(tmp_path / "out"),
         vocab_size=280,
         block_size=32,
         batch_size=2,
@@ -365,6 +365,7 @@ def test_pretrain_writes_a_complete_folder_with_its_card(tmp_path):
         save_steps=2,
         eval_fraction=0.2,
     )
+    result = pretrain(settings)
     out = tmp_path / "out"
     assert check_folder(out) == []
     card = ModelCard.load(out / "README.md")

@@ -19,6 +19,7 @@ from typing import Callable, List, Sequence
 import torch
 from torch import nn
 
+from retnet_hf.conversion import to_torchscale_key
 from retnet_hf.model import CACHE_NAME, RetNetForCausalLM
 
 from .common import (
@@ -65,10 +66,7 @@ def torchscale_twin(model: RetNetForCausalLM) -> nn.Module:
     )
     args = TorchscaleConfig(**fields)
     decoder = RetNetDecoder(args, embed_tokens=nn.Embedding(config.vocab_size, config.decoder_embed_dim))
-    state = {
-        ("output_projection.weight" if key == "lm_head.weight" else key[len("model.") :]): value
-        for key, value in model.state_dict().items()
-    }
+    state = {to_torchscale_key(key): value for key, value in model.state_dict().items()}
     decoder.load_state_dict(state, strict=True)
     parameter = next(model.parameters())
     return decoder.to(device=parameter.device, dtype=parameter.dtype).eval()

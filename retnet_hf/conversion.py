@@ -282,6 +282,17 @@ def _torchscale_model_fields(fields: Dict, defaults: Dict, what: str) -> Dict:
     return result
 
 
+def from_torchscale_key(key: str) -> str:
+    """A torchscale `RetNetDecoder` parameter name -> ours: `output_projection` is `lm_head`, the rest under
+    `model.` (the one home of this map; `to_torchscale_key` is its inverse)."""
+    return "lm_head.weight" if key == "output_projection.weight" else "model." + key
+
+
+def to_torchscale_key(key: str) -> str:
+    """Our parameter name -> torchscale's: `lm_head` is `output_projection`, `model.` dropped."""
+    return "output_projection.weight" if key == "lm_head.weight" else key[len("model.") :]
+
+
 def _plan_torchscale(src: Path, config_fields: Dict) -> _Plan:
     if src.is_dir():
         candidates = sorted(p for p in src.iterdir() if p.suffix in (".pt", ".bin", ".safetensors"))
@@ -324,13 +335,10 @@ def _plan_torchscale(src: Path, config_fields: Dict) -> _Plan:
     config = _make_config(model_fields, str(src))
 
     def rename(key):
-        if not key.startswith(prefix):
-            return None
-        key = key[len(prefix) :]
-        return "lm_head.weight" if key == "output_projection.weight" else "model." + key
+        return from_torchscale_key(key[len(prefix) :]) if key.startswith(prefix) else None
 
     def source_name(key):
-        return prefix + ("output_projection.weight" if key == "lm_head.weight" else key[len("model.") :])
+        return prefix + to_torchscale_key(key)
 
     return _Plan(config, [shard], rename, source_name, None, _special_ids(fields))
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM
+from retnet_hf.conversion import from_torchscale_key
 
 from conftest import import_torchscale, logits_token_by_token, random_ids, relative_difference
 
@@ -69,10 +70,7 @@ def build_torchscale(seed=0, chunkwise=False, qk_gain=4.0, **fields) -> "RetNetD
 
 def renamed(state_dict):
     """torchscale's keys -> ours: `output_projection` is `lm_head`, everything else under `model.`."""
-    return {
-        ("lm_head.weight" if key == "output_projection.weight" else f"model.{key}"): value
-        for key, value in state_dict.items()
-    }
+    return {from_torchscale_key(key): value for key, value in state_dict.items()}
 
 
 def build_ours(torchscale_decoder=None, chunk=CHUNK, **fields) -> RetNetForCausalLM:

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
-from retnet_hf.conversion import ConversionError, convert_checkpoint
+from retnet_hf.conversion import ConversionError, convert_checkpoint, from_torchscale_key
 
 from conftest import REPO_ROOT, cache_of, import_torchscale, logits_token_by_token, random_ids, relative_difference
 
@@ -196,10 +196,7 @@ def tiny_tokenizer_file(path: Path):
 def write_syncdoth_folder(decoder, fields, folder: Path, shards=3, weights="safetensors") -> Path:
     """syncdoth/RetNet's layout: torchscale keys under `model.`, `lm_head`, torchscale-named config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        ("lm_head.weight" if k == "output_projection.weight" else f"model.{k}"): v.clone()
-        for k, v in decoder.state_dict().items()
-    }
+    state = {from_torchscale_key(k): v.clone() for k, v in decoder.state_dict().items()}
     config = dict(
         fields,
         model_type="retnet",

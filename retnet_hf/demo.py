@@ -14,7 +14,7 @@ from .pretraining import PretrainSettings, pretrain
 
 def default_corpus() -> List[str]:
     """The embedded default text: this package's own source files, docstrings and all (nothing is downloaded)."""
-    return [str(p) for p in sorted(Path(__file__).parent.glob("*.py"))]
+    return [str(p) for p in sorted(Path(__file__).parent.rglob("*.py"))]
 
 
 @torch.no_grad()

@@ -543,7 +543,19 @@ class RetNetPreTrainedModel(PreTrainedModel):
 class RetNetModel(RetNetPreTrainedModel):
     """The RetNet decoder without a head: embeddings, N layers, a final RMSNorm.
 
-    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and a `RetNetCache`.
+    `forward` arguments:
+        input_ids (`[B, T]`): token ids; or `inputs_embeds` (`[B, T, d]`), not both.
+        attention_mask (`[B, T]` or `[B, past + T]`): 0 marks padding, which contributes nothing to the state.
+        position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
+            tokens starts a new document (packed rows), and the state before it is discarded. Rotations and decays
+            are relative, so they are taken from the token count.
+        cache (`RetNetCache`): the state to continue from; updated in place and returned.
+        retention_form (`str`): override `config.retention_form` for this call.
+        past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
+        output_attentions: RetNet has no attention weights; only None or False is accepted.
+        kwargs: `RetNetPackingKwargs` (document boundaries of a packed row, as TRL's padding-free collator sends).
+    Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and the cache in its field named
+    `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
     """
 
     def __init__(self, config: RetNetConfig):
@@ -593,21 +605,7 @@ class RetNetModel(RetNetPreTrainedModel):
         output_attentions: Optional[bool] = None,
         **kwargs: Unpack[RetNetPackingKwargs],
     ) -> Union[Tuple, BaseModelOutputWithPast]:
-        """
-        Args:
-            input_ids (`[B, T]`): token ids; or `inputs_embeds` (`[B, T, d]`), not both.
-            attention_mask (`[B, T]` or `[B, past + T]`): 0 marks padding, which contributes nothing to the state.
-            position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
-                tokens starts a new document (packed rows), and the state before it is discarded. Rotations and
-                decays are relative, so they are taken from the token count.
-            cache (`RetNetCache`): the state to continue from; updated in place and returned.
-            retention_form (`str`): override `config.retention_form` for this call.
-            past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
-            output_attentions: RetNet has no attention weights; only None or False is accepted.
-            kwargs: `RetNetPackingKwargs` (document boundaries of a packed row, as TRL's padding-free collator sends).
-        Returns `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, d]` and the cache in its field named
-        `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
-        """
+        """Arguments and output in the class docstring."""
         (packing,) = _split_kwargs(kwargs, RetNetPackingKwargs)
         _refuse_attentions(output_attentions)
         use_cache = use_cache if use_cache is not None else self.config.use_cache

@@ -258,15 +258,7 @@ def _trainer(s: SFTSettings, model, tokenizer, dataset):
     except ImportError as error:
         raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
     config = SFTConfig(
-        **base_training_arguments(
-            Path(s.output_dir) / "checkpoints",
-            learning_rate=s.learning_rate,
-            batch_size=s.batch_size,
-            gradient_accumulation_steps=s.gradient_accumulation_steps,
-            max_steps=s.max_steps,
-            save_steps=s.save_steps,
-            seed=s.seed,
-        ),
+        **base_training_arguments(s),
         num_train_epochs=s.epochs,
         warmup_steps=0,
         max_length=s.max_length,

@@ -146,15 +146,7 @@ def _training_arguments(s: PretrainSettings):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        **base_training_arguments(
-            Path(s.output_dir) / "checkpoints",
-            learning_rate=s.learning_rate,
-            batch_size=s.batch_size,
-            gradient_accumulation_steps=s.gradient_accumulation_steps,
-            max_steps=s.max_steps,
-            save_steps=s.save_steps,
-            seed=s.seed,
-        ),
+        **base_training_arguments(s),
         per_device_eval_batch_size=s.batch_size,
         warmup_steps=min(s.warmup_steps, s.max_steps // 10),
         weight_decay=0.01,

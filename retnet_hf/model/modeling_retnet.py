@@ -611,6 +611,8 @@ class RetNetModel(RetNetPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a checkpointed layer runs twice; the state must be written once
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch, length = hidden_states.shape[:2]
         cache = self._cache_for(_one_cache(cache, past_key_values), use_cache, batch)
@@ -626,9 +628,10 @@ class RetNetModel(RetNetPreTrainedModel):
             resets=self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state),
             output_final_state=use_cache,
         )
-        all_hidden_states = []
+        all_hidden_states = [] if output_hidden_states else None  # kept only when asked: a prefill holds no copies
         for idx, layer in enumerate(self.layers):
-            all_hidden_states.append(hidden_states)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
             hidden_states, state = layer(hidden_states, inputs, cache.states[idx] if has_state else None)
             if use_cache:
                 cache.update_state(idx, state)  # the one place the cache is written
@@ -636,11 +639,8 @@ class RetNetModel(RetNetPreTrainedModel):
             cache.num_tokens += length
         if self.layer_norm is not None:
             hidden_states = self.layer_norm(hidden_states)
-        all_hidden_states.append(hidden_states)
-
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        all_hidden_states = tuple(all_hidden_states) if output_hidden_states else None
+        if output_hidden_states:
+            all_hidden_states = tuple(all_hidden_states) + (hidden_states,)
         cache = cache if use_cache else None
         if not (return_dict if return_dict is not None else self.config.return_dict):
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)

@@ -310,3 +310,26 @@ def test_training_keeps_only_matmul_inputs_for_the_backward_pass():
     assert activations <= (config.decoder_layers * per_layer + 2 * d + 1) * batch * length * 4, activations
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("requested", [False, True])
+def test_hidden_states_are_kept_only_when_asked(requested):
+    """Without output_hidden_states a no-grad prefill holds no layer's input while the later layers run (at 16k
+    tokens each copy is 50 MB at the 125m size); with it, they are all returned."""
+    import weakref
+
+    model = tiny_model(decoder_layers=3)
+    seen = []
+    first = model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    alive_at_last_layer = []
+    last = model.model.layers[-1].register_forward_pre_hook(
+        lambda m, args: alive_at_last_layer.append(seen[0]() is not None)
+    )
+    with torch.no_grad():
+        out = model(tokens(length=16), output_hidden_states=requested)
+    first.remove()
+    last.remove()
+    assert alive_at_last_layer == [requested]
+    assert (out.hidden_states is not None) == requested
+    if requested:
+        assert len(out.hidden_states) == model.config.decoder_layers + 1

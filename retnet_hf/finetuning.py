@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .data import DEFAULT_DATASET, load_guanaco, save_tokenizer, set_chat_template
-from .errors import UsageError
+from .errors import UsageError, require
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
 from .options import positive_int
 from .reports import plot_loss_curve
@@ -234,10 +234,7 @@ def _tokenizer_and_data(s: SFTSettings):
 
 def _trainable_model(s: SFTSettings, tokenizer):
     """The base model (4-bit for QLoRA) with LoRA adapters, or the whole model for full fine-tuning."""
-    try:
-        from peft import get_peft_model
-    except ImportError as error:
-        raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
+    get_peft_model = require("peft").get_peft_model
     try:
         model = load_model(str(Path(s.model).resolve()), s.method)  # the adapter then names the base by its path
     except Exception as error:
@@ -253,10 +250,8 @@ def _trainable_model(s: SFTSettings, tokenizer):
 
 
 def _trainer(s: SFTSettings, model, tokenizer, dataset):
-    try:
-        from trl import SFTConfig, SFTTrainer
-    except ImportError as error:
-        raise UsageError(f"fine-tuning needs the train extras (pip install 'retnet-hf[train]'): {error}") from error
+    trl = require("trl")
+    SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
     config = SFTConfig(
         **base_training_arguments(s),
         num_train_epochs=s.epochs,

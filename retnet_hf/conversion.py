@@ -24,17 +24,24 @@ built with real weights (only on the ``meta`` device, to know the expected names
 Safety: only safetensors files and ``torch.load(weights_only=True)`` are read (``argparse.Namespace`` is allowed
 for fairseq's ``args``); anything that needs arbitrary code to unpickle is refused with a `ConversionError`.
 Keys and shapes are checked against the model before anything is written; a mismatch raises a `ConversionError`
-listing the missing, unexpected and mis-shaped keys. Everything is written into a temporary folder next to OUT,
-renamed to OUT at the end, and removed on failure: a failed conversion leaves no OUT.
+listing the missing, unexpected and mis-shaped keys; the checkpoint's keys decide how many layers there are, so a
+config that claims another count is refused before a model of its size is built. Everything is written into a staging
+folder next to OUT, ``.OUT.converting-PID-HOST-RANDOM`` (created first, so an output location that cannot be written is
+reported before any work), renamed to OUT at the end, and removed on failure: a failed or interrupted conversion
+leaves no OUT. A staging folder left by a killed conversion (its process gone, on this machine) is removed by the
+next conversion into the same OUT, which says so; nothing else is removed. OUT gets the mode a new folder gets from
+the umask, as with ``mkdir``.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -126,6 +133,7 @@ class _Shard:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.is_safetensors = self.path.suffix == ".safetensors"
+        self._header: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None
 
     @contextmanager
     def open(self) -> Iterator[Dict[str, Callable[[], torch.Tensor]]]:
@@ -146,7 +154,12 @@ class _Shard:
                 del state
 
     def header(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-        """`{name: (shape, dtype name)}` (safetensors: from the header alone)."""
+        """`{name: (shape, dtype name)}` (safetensors: from the header alone), read once."""
+        if self._header is None:
+            self._header = self._read_header()
+        return self._header
+
+    def _read_header(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         if self.is_safetensors:
             try:
                 with safe_open(str(self.path), framework="pt", device="cpu") as handle:
@@ -193,7 +206,9 @@ def _weight_files(folder: Path) -> List[Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            except (ValueError, KeyError, TypeError, OSError) as error:
                 raise ConversionError(f"{index}: not a valid index (no weight_map): {error}") from error
             files = list(dict.fromkeys(weight_map.values()))
             missing = [name for name in files if not (folder / name).is_file()]
@@ -211,13 +226,25 @@ def _weight_files(folder: Path) -> List[Path]:
     )
 
 
+_JSON_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def _read_json(path: Path) -> Dict:
+    """A JSON file of config fields: one JSON object, or a ConversionError that says what the file holds instead."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError as error:
         raise ConversionError(f"{path}: not found") from error
-    except ValueError as error:
+    except ValueError as error:  # includes a file that is not UTF-8 text
         raise ConversionError(f"{path}: not valid JSON: {error}") from error
+    except OSError as error:  # a folder, no permission, ...
+        raise ConversionError(f"{path}: cannot read it: {error.strerror or error}") from error
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"{path}: holds a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}, not an object of config "
+            'fields; write the config as one JSON object of field names and values, e.g. {"vocab_size": 32000}.'
+        )
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,6 +264,8 @@ class _Plan:
         folder: Optional[Path],
         generation: Dict,
         split=None,
+        layers_field: str = "decoder_layers",
+        layers_given: bool = True,
     ):
         self.config = config
         self.shards = shards
@@ -245,6 +274,8 @@ class _Plan:
         self.folder = folder  # a folder with tokenizer / generation config files, if any
         self.generation = generation  # bos/eos/pad ids known from the source
         self.split = split  # source key -> [(our key, rows)] for a fused weight, else None
+        self.layers_field = layers_field  # the source format's name of the layer count, for messages
+        self.layers_given = layers_given  # False: the layer count is the format's default, the source sets none
 
 
 def _make_config(fields: Dict, what: str) -> RetNetConfig:
@@ -340,7 +371,8 @@ def _plan_torchscale(src: Path, config_fields: Dict) -> _Plan:
     def source_name(key):
         return prefix + to_torchscale_key(key)
 
-    return _Plan(config, [shard], rename, source_name, None, _special_ids(fields))
+    given = "decoder_layers" in fields
+    return _Plan(config, [shard], rename, source_name, None, _special_ids(fields), layers_given=given)
 
 
 def _plan_syncdoth(src: Path, config_fields: Dict) -> _Plan:
@@ -349,9 +381,9 @@ def _plan_syncdoth(src: Path, config_fields: Dict) -> _Plan:
     if not fields:
         raise ConversionError(f"{src}: no config.json; give the config as a JSON file (--config).")
     config = _make_config(_torchscale_model_fields(fields, SYNCDOTH_DEFAULTS, str(src)), str(src))
-    return _Plan(
-        config, [_Shard(p) for p in _weight_files(src)], lambda key: key, lambda key: key, src, _special_ids(fields)
-    )
+    shards = [_Shard(p) for p in _weight_files(src)]
+    given = "decoder_layers" in fields
+    return _Plan(config, shards, lambda key: key, lambda key: key, src, _special_ids(fields), layers_given=given)
 
 
 _FLA_LAYER_KEYS = {
@@ -475,7 +507,10 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
 
     if fused:  # name the fused weight in "missing" messages
         inverse_layer["ffn.gate.weight"] = "mlp.gate_proj.weight (fused, rows f..2f)"
-    return _Plan(config, shards, rename, source_name, src, _special_ids(model_fields), split)
+    given = "num_hidden_layers" in fields
+    return _Plan(
+        config, shards, rename, source_name, src, _special_ids(model_fields), split, "num_hidden_layers", given
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,9 +518,46 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_OUR_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(plan: _Plan) -> None:
+    """The checkpoint's keys decide how many layers there are: a config that claims another count is refused here,
+    before a model of the claimed size is built (on the meta device that still takes a few ms a layer)."""
+    indices = set()
+    for shard in plan.shards:
+        for key, (shape, _dtype) in shard.header().items():
+            for ours, _rows in _targets(plan, key, shape):
+                match = _OUR_LAYER_KEY.match(ours or "")
+                if match:
+                    indices.add(int(match.group(1)))
+    claimed = plan.config.decoder_layers
+    if len(indices) == claimed:
+        return
+    says = f"{plan.layers_field}={claimed}" + ("" if plan.layers_given else " (the default: the config sets none)")
+    if not indices:
+        raise ConversionError(
+            f"the config says {says}, but the source's weights hold no layer weights at all; check that the source "
+            "is a checkpoint of this format."
+        )
+    held = f"{len(indices)} layer{'s' if len(indices) != 1 else ''} (numbered {min(indices)} to {max(indices)})"
+    raise ConversionError(
+        f"the config says {says}, but the source's weights hold {held}; set {plan.layers_field} to {len(indices)} "
+        "in the config (--config), or check that the config belongs to this checkpoint."
+    )
+
+
 def _expected_shapes(config: RetNetConfig) -> Dict[str, Tuple[int, ...]]:
-    with torch.device("meta"):
-        model = RetNetForCausalLM(config)
+    try:
+        with torch.device("meta"):
+            model = RetNetForCausalLM(config)
+    except (RuntimeError, ValueError, OverflowError) as error:  # sizes whose product overflows, ...
+        raise ConversionError(
+            f"the config describes a model that cannot be built ({str(error).splitlines()[0]}); check its sizes "
+            f"(vocab_size={config.vocab_size}, decoder_embed_dim={config.decoder_embed_dim}, "
+            f"decoder_value_embed_dim={config.decoder_value_embed_dim}, "
+            f"decoder_ffn_embed_dim={config.decoder_ffn_embed_dim})."
+        ) from error
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     if config.share_decoder_input_output_embed:
         shapes.pop("lm_head.weight", None)
@@ -634,6 +706,130 @@ def _resolve_source(src: Union[str, Path]) -> Path:
     raise ConversionError(f"{src}: no such file or folder (and not a Hub id of the form owner/name).")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The staging folder: created first, published by one rename, removed on failure (or by a later run, if killed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine: a pid means something only on the machine that recorded it."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _staging_pattern(out: Path) -> "re.Pattern":
+    """The names of OUT's staging folders: `.OUT.converting-PID-HOST-RANDOM`."""
+    return re.compile(rf"\.{re.escape(out.name)}\.converting-(\d+)-([0-9a-f]{{8}})-[0-9a-f]{{8}}")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` (on this machine) exists; True when that cannot be told, so nothing is removed."""
+    if os.name == "nt" or pid <= 0:  # os.kill on Windows terminates; pid 0 would be this process group
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists, as another user
+        return True
+    return True
+
+
+def _remove_stale_staging(out: Path, notify: Callable[[str], None]) -> None:
+    """Remove OUT's staging folders whose process is gone (a killed conversion), and say so; leave any other."""
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:
+        return
+    pattern, host = _staging_pattern(out), _host_tag()
+    for entry in entries:
+        if not entry.name.startswith(f".{out.name}.converting-"):
+            continue
+        match = pattern.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir() or match.group(2) != host:
+            if match or re.fullmatch(rf"\.{re.escape(out.name)}\.converting-[a-z0-9_]{{8}}", entry.name):
+                notify(
+                    f"left {entry} alone: it looks like the staging folder of a conversion into {out.name} on another "
+                    "machine or by an older retnet-hf; remove it if no such conversion is running."
+                )
+            continue
+        pid = int(match.group(1))
+        if _process_alive(pid):
+            notify(f"left {entry} alone: another conversion into {out.name} (process {pid}) seems to be running.")
+            continue
+        try:
+            shutil.rmtree(entry)
+        except OSError as error:
+            notify(f"could not remove {entry}, left by an interrupted conversion (process {pid}): {error}")
+        else:
+            notify(f"removed {entry}, the staging folder of an interrupted conversion into {out.name} (process {pid}).")
+
+
+def _location_error(out: Path, error: OSError) -> ConversionError:
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return ConversionError(
+            f"{out}: cannot create the output folder: {blocker} is a file, not a folder; choose another output folder."
+        )
+    where = Path(error.filename).parent if error.filename else out.parent
+    return ConversionError(
+        f"{out}: cannot create the output folder: cannot write in {where} ({error.strerror or error}); choose an "
+        f"output folder in a location you can write to, or make {where} writable."
+    )
+
+
+def _remove_if_empty(folders: List[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def _staging(out: Path, notify: Callable[[str], None]) -> Iterator[Path]:
+    """Yield a new staging folder next to OUT (creating OUT's parents), rename it to OUT when the body succeeds;
+    on any failure (Ctrl-C included) remove it and the parents it created. A kill -9 leaves only the staging folder,
+    whose name records this process, for the next conversion into OUT to remove."""
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # deepest first
+    temporary = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out, notify)
+        while temporary is None:
+            name = f".{out.name}.converting-{os.getpid()}-{_host_tag()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(out.parent / name)  # mode 0o777 less the umask, as mkdir gives (not mkdtemp's 0o700)
+            except FileExistsError:
+                continue
+            temporary = out.parent / name
+        yield temporary
+        try:
+            if out.exists():
+                out.rmdir()  # an empty folder, checked at the start
+            os.replace(temporary, out)
+        except OSError as error:
+            raise ConversionError(
+                f"{out}: cannot put the finished conversion in place ({error.strerror or error}); was {out.name} "
+                "created meanwhile? Choose a new output folder."
+            ) from error
+    except BaseException as error:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        _remove_if_empty(created)
+        if temporary is None and isinstance(error, OSError):
+            raise _location_error(out, error) from error
+        raise
+
+
+def _check_new_output(out: Path) -> None:
+    try:
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError as error:
+        raise ConversionError(f"{out}: cannot look inside it ({error.strerror or error}); choose a new output folder.")
+    if taken:
+        raise ConversionError(f"{out}: already exists and is not an empty folder; choose a new output folder.")
+
+
 def convert_checkpoint(
     source_format: str,
     src: Union[str, Path],
@@ -642,6 +838,7 @@ def convert_checkpoint(
     config_json: Optional[Union[str, Path]] = None,
     config_overrides: Optional[Dict] = None,
     max_shard_size: Union[int, str] = "2GB",
+    notify: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Convert a RetNet checkpoint into a retnet-hf folder OUT (see the module docstring); return OUT.
 
@@ -653,75 +850,72 @@ def convert_checkpoint(
             fla's for fla), applied over what the source holds.
         config_overrides: a dict of source-format config fields applied last.
         max_shard_size: the largest output shard, bytes or a string such as ``"2GB"``.
+        notify: called with a line for each staging folder of OUT found beside it (removed when its process is
+            gone, else left alone); default `warnings.warn`.
 
     Memory: one source shard at a time (safetensors read tensor by tensor, ``.pt`` memory-mapped) plus at most one
     output shard of ``max_shard_size`` in memory.
 
     Raises:
-        ConversionError: a source that cannot be read, is not weights-only, or whose keys or shapes do not match
-            (the message lists the missing, unexpected and mis-shaped keys). OUT is then not created.
+        ConversionError: a source that cannot be read, is not weights-only, or whose keys, layer count or shapes do
+            not match (the message lists the missing, unexpected and mis-shaped keys); a config file that is not a
+            JSON object; an output location that cannot be written. OUT is then not created.
     """
     if source_format not in SOURCE_FORMATS:
         raise ConversionError(f"source format {source_format!r}; allowed: {', '.join(SOURCE_FORMATS)}.")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"{out}: already exists and is not an empty folder; choose a new output folder.")
+    out = Path(os.path.abspath(Path(out).expanduser()))  # a name to stage beside, even for "." or "a/.."
+    _check_new_output(out)
     max_bytes = parse_size(max_shard_size)
     if max_bytes < 1:
         raise ConversionError(f"max_shard_size={max_shard_size!r} must be positive.")
     config_fields = dict(_read_json(Path(config_json))) if config_json is not None else {}
     config_fields.update(config_overrides or {})
-    source = _resolve_source(src)
-
-    planners = {"torchscale": _plan_torchscale, "syncdoth": _plan_syncdoth, "fla": _plan_fla}
-    if source_format in ("syncdoth", "fla") and not source.is_dir():
-        raise ConversionError(f"{source}: a {source_format} source is a folder (config.json and weights).")
-    plan = planners[source_format](source, config_fields)
-    expected = _expected_shapes(plan.config)
-    mapping = _check_keys(plan, expected)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    try:
-        rel_pos = RetNetRelPos(plan.config)
-        computed = {"model.retnet_rel_pos.angle": rel_pos.angle, "model.retnet_rel_pos.decay": rel_pos.decay}
-        writer = _ShardWriter(temporary, max_bytes)
-        dtypes: Counter = Counter()
-        for shard in plan.shards:
-            with shard.open() as loaders:
-                for key, load in loaders.items():
-                    targets = mapping.get(key)
-                    if not targets:
-                        continue
-                    tensor = load()
-                    for ours, rows in targets:
-                        if ours in BUFFERS:
-                            _check_buffer(key, tensor, computed[ours])
-                            continue
-                        if tensor.is_floating_point():
-                            dtypes[tensor.dtype] += tensor.numel()
-                        writer.add(ours, tensor if rows is None else tensor[rows].clone())
-                    del tensor
-        for name, value in computed.items():  # recomputed from the config, float32 as the model keeps them
-            writer.add(name, value.detach().clone())
-        writer.finish()
+    with _staging(out, notify or (lambda message: warnings.warn(f"retnet-hf convert: {message}"))) as temporary:
+        source = _resolve_source(src)
+        planners = {"torchscale": _plan_torchscale, "syncdoth": _plan_syncdoth, "fla": _plan_fla}
+        if source_format in ("syncdoth", "fla") and not source.is_dir():
+            raise ConversionError(f"{source}: a {source_format} source is a folder (config.json and weights).")
+        plan = planners[source_format](source, config_fields)
+        _check_layer_count(plan)
+        mapping = _check_keys(plan, _expected_shapes(plan.config))
+        _write_weights(plan, mapping, temporary, max_bytes)
 
         config = plan.config
-        dtype = _dominant_dtype(dtypes)
-        if dtype is not None:
-            config.dtype = dtype
         config.architectures = [RetNetForCausalLM.__name__]
         _write_config_and_code(config, temporary)
         _write_generation_config(plan, temporary)
         _copy_tokenizer(plan.folder, temporary)
         _write_card(temporary, source_format, src, plan, out.name)
-        if out.exists():
-            out.rmdir()  # an empty folder, checked above
-        os.replace(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return out
+
+
+def _write_weights(plan: _Plan, mapping, folder: Path, max_bytes: int) -> None:
+    """The source's tensors under our names, shard by shard; the config's dtype becomes the weights' main one."""
+    rel_pos = RetNetRelPos(plan.config)
+    computed = {"model.retnet_rel_pos.angle": rel_pos.angle, "model.retnet_rel_pos.decay": rel_pos.decay}
+    writer = _ShardWriter(folder, max_bytes)
+    dtypes: Counter = Counter()
+    for shard in plan.shards:
+        with shard.open() as loaders:
+            for key, load in loaders.items():
+                targets = mapping.get(key)
+                if not targets:
+                    continue
+                tensor = load()
+                for ours, rows in targets:
+                    if ours in BUFFERS:
+                        _check_buffer(key, tensor, computed[ours])
+                        continue
+                    if tensor.is_floating_point():
+                        dtypes[tensor.dtype] += tensor.numel()
+                    writer.add(ours, tensor if rows is None else tensor[rows].clone())
+                del tensor
+    for name, value in computed.items():  # recomputed from the config, float32 as the model keeps them
+        writer.add(name, value.detach().clone())
+    writer.finish()
+    dtype = _dominant_dtype(dtypes)
+    if dtype is not None:
+        plan.config.dtype = dtype
 
 
 def _write_config_and_code(config: RetNetConfig, folder: Path) -> None:

@@ -8,12 +8,17 @@ against that reference.
 """
 
 import argparse
+import errno
 import json
 import os
 import runpy
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -619,17 +624,18 @@ def test_pickle_needing_code_is_refused(tmp_path, torchscale_model):
     assert not EXECUTED and not (tmp_path / "out").exists()
 
 
-def test_failure_while_writing_leaves_no_output(tmp_path, torchscale_model, monkeypatch):
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt("Ctrl-C")])
+def test_failure_while_writing_leaves_no_output(tmp_path, torchscale_model, monkeypatch, error):
     decoder, fields = torchscale_model
     src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(conversion, "_copy_tokenizer", broken)
-    with pytest.raises(OSError, match="disk full"):
-        convert_checkpoint("syncdoth", src, tmp_path / "out", max_shard_size="10KB")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["syncdoth"]
+    with pytest.raises(type(error), match=str(error)):
+        convert_checkpoint("syncdoth", src, tmp_path / "new" / "out", max_shard_size="10KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syncdoth"]  # nor the folder made for OUT
 
 
 def test_existing_output_is_not_overwritten(tmp_path, torchscale_model):
@@ -667,3 +673,216 @@ def test_script_exits_2_with_a_message_on_a_bad_source(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "retnet-hf convert: error:" in err and "no weights found" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe by default: the output location, the config file, the layer count, a killed run, the folder's mode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def simulate_read_only(monkeypatch, folder: Path):
+    """Root writes anywhere, whatever the mode: for root, make creating anything in `folder` fail as it would for
+    anyone else (EACCES from mkdir); for others the mode (0o555, set by the caller) does it."""
+    if os.geteuid() != 0:
+        return
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "in a new folder of a read-only folder", "under a file"])
+def test_an_output_location_that_cannot_be_written_is_refused_with_a_message(
+    tmp_path, torchscale_model, monkeypatch, capsys, where
+):
+    decoder, fields = torchscale_model
+    src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if where == "under a file":
+        (locked / "a-file").write_text("mine")
+        out = locked / "a-file" / "out"
+    else:
+        out = locked / "out" if where == "read-only folder" else locked / "new" / "out"
+        locked.chmod(0o555)
+        simulate_read_only(monkeypatch, locked)
+    try:
+        assert main(["convert", "--from", "syncdoth", str(src), str(out)]) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("retnet-hf convert: error:"), err  # one line, no traceback
+    assert f"retnet-hf convert: error: {out}: cannot create the output folder: " in err
+    if where == "under a file":
+        assert f"{locked / 'a-file'} is a file, not a folder; choose another output folder." in err
+    else:
+        assert f"cannot write in {locked} (Permission denied); choose an output folder in a location you can" in err
+    assert sorted(p.name for p in locked.iterdir()) == (["a-file"] if where == "under a file" else [])
+    assert (locked / "a-file").read_text() == "mine" if where == "under a file" else True
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[1, 2]", '[["decoder_layers", 2]]', '"decoder_layers"', "3", "null", "source config.json: a list"],
+)
+def test_a_config_that_is_not_a_json_object_is_refused_with_a_message(tmp_path, torchscale_model, capsys, content):
+    decoder, fields = torchscale_model
+    src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
+    if content.startswith("source"):
+        (src / "config.json").write_text(json.dumps([json.loads((src / "config.json").read_text())]))
+        bad, extra = src / "config.json", []
+    else:
+        bad = tmp_path / "config.json"
+        bad.write_text(content)  # [["decoder_layers", 2]] is one that dict() would have taken
+        extra = ["--config", str(bad)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["convert", "--from", "syncdoth", str(src), str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"retnet-hf convert: error: {bad}: holds a JSON"), err
+    assert "not an object of config fields; write the config as one JSON object" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging folder
+
+
+class TookTooLong(Exception):
+    pass
+
+
+@contextmanager
+def deadline(seconds):
+    """Raise TookTooLong in the test if the block runs longer than `seconds` (a hang fails, instead of hanging)."""
+
+    def expire(signum, frame):
+        raise TookTooLong(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    "source_format, field, claimed",
+    [
+        ("syncdoth", "decoder_layers", 1_000_000),
+        ("syncdoth", "decoder_layers", 3),
+        ("torchscale", "decoder_layers", 1),
+        ("fla", "num_hidden_layers", 1_000_000),
+    ],
+)
+def test_a_config_claiming_another_layer_count_than_the_checkpoint_is_refused_quickly(
+    tmp_path, torchscale_model, capsys, source_format, field, claimed
+):
+    decoder, fields = torchscale_model
+    if source_format == "syncdoth":
+        src = write_syncdoth_folder(decoder, fields, tmp_path / "src", shards=2)
+    elif source_format == "torchscale":
+        src = save_torchscale(decoder, fields, tmp_path / "src", "bare")
+    else:
+        write_fla_folder(tmp_path / "src")
+        src = tmp_path / "src"
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(dict(fields, **{field: claimed}) if source_format == "torchscale" else {field: claimed})
+    )
+    started = time.monotonic()
+    with deadline(60):  # building a million-layer model, even on the meta device, took about an hour
+        code = main(["convert", "--from", source_format, str(src), str(tmp_path / "out"), "--config", str(config)])
+    assert code == 2 and time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"the config says {field}={claimed}, but the source's weights hold {LAYERS} layers (numbered 0 to 1)" in err
+    assert f"set {field} to {LAYERS} in the config (--config)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "src"]
+
+
+STALL_AND_WAIT_TO_BE_KILLED = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import retnet_hf.conversion as conversion
+
+    def stall(*args, **kwargs):  # the weights are written: the conversion is well under way
+        Path(sys.argv[3]).write_text("staged")
+        time.sleep(600)
+
+    conversion._copy_tokenizer = stall
+    conversion.convert_checkpoint("syncdoth", sys.argv[1], sys.argv[2])
+""")
+
+
+def test_a_killed_conversion_s_staging_folder_is_removed_by_the_next_one_and_nothing_else(
+    tmp_path, torchscale_model, capsys
+):
+    decoder, fields = torchscale_model
+    src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen(
+        [sys.executable, "-c", STALL_AND_WAIT_TO_BE_KILLED, str(src), str(out), str(ready)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        started = time.monotonic()
+        while not ready.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() - started < 120, "the conversion did not get under way"
+            time.sleep(0.1)
+    finally:
+        child.kill()  # SIGKILL: no cleanup can run
+        child.wait()
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.converting-")]
+    assert not out.exists() and len(staged) == 1 and any(staged[0].glob("*.safetensors"))
+    stale = staged[0]
+    assert f"-{child.pid}-" in stale.name  # the name records the process that owns it
+
+    # what the next run must leave alone: a live process's staging folder, an older retnet-hf's (no pid), another
+    # OUT's, a link named like a stale one (and what it points to), a file named like one
+    keep = [
+        tmp_path / stale.name.replace(f"-{child.pid}-", f"-{os.getpid()}-"),
+        tmp_path / ".out.converting-k2x_9abc",
+        tmp_path / stale.name.replace(".out.", ".other."),
+    ]
+    for folder in keep:
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("not yours")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "precious.txt").write_text("mine")
+    link = tmp_path / stale.name.replace(f"-{child.pid}-", f"-{child.pid}1-")
+    link.symlink_to(target, target_is_directory=True)
+    a_file = tmp_path / stale.name.replace(f"-{child.pid}-", f"-{child.pid}2-")
+    a_file.write_text("a file")
+
+    assert main(["convert", "--from", "syncdoth", str(src), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {stale}, the staging folder of an interrupted conversion into out (process {child.pid})" in err
+    assert f"left {keep[0]} alone: another conversion into out (process {os.getpid()}) seems to be running" in err
+    assert f"left {keep[1]} alone" in err
+    assert not stale.exists() and (out / "model.safetensors").is_file()
+    assert all((folder / "model.safetensors").read_text() == "not yours" for folder in keep)
+    assert link.is_symlink() and (target / "precious.txt").read_text() == "mine" and a_file.read_text() == "a file"
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".out.converting-") and p not in keep + [link, a_file]
+    ]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_output_folder_gets_the_mode_mkdir_gives(tmp_path, torchscale_model, umask):
+    decoder, fields = torchscale_model
+    src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
+    previous = os.umask(umask)
+    try:
+        out = convert_checkpoint("syncdoth", src, tmp_path / "out")
+        (tmp_path / "reference").mkdir()
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(out.stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "reference").stat().st_mode) == 0o777 & ~umask, oct(mode)

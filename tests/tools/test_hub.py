@@ -4,7 +4,8 @@ huggingface_hub 2.4 has no dry run for uploads (its `dry_run` flags are for down
 must not reach the Hub nor imitate it. So the upload path is tested as far as it goes offline: the folder check,
 the real `CommitOperationAdd` list (huggingface_hub's own objects, with the sha256 and size the Hub would record),
 and then the real `HfApi` calls, which stop at huggingface_hub's offline guard (`HF_HUB_OFFLINE`) with its
-`OfflineModeIsEnabled` error naming the endpoint that push tried to reach.
+`OfflineModeIsEnabled` error naming the endpoint that push tried to reach. What a push commits is recorded by
+`RecordingHub`, the real `HfApi` with only its network calls replaced.
 """
 
 import hashlib
@@ -15,10 +16,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 
 import retnet_hf
 from retnet_hf.cli import main
@@ -287,7 +289,7 @@ def test_upload_plan_is_huggingface_hubs_operations_for_exactly_the_checked_file
     (shared / "__pycache__").mkdir()
     (shared / "__pycache__" / "modeling_retnet.cpython-311.pyc").write_bytes(b"\0")
     (shared / "loss.png").write_bytes(b"\x89PNG not really")
-    operations = plan_upload(shared)
+    operations = plan_upload(shared).operations
     assert all(isinstance(op, CommitOperationAdd) for op in operations)
     assert {op.path_in_repo for op in operations} == COMPLETE | {"loss.png"}
     assert upload_files(shared) == [op.path_in_repo for op in operations]
@@ -376,3 +378,263 @@ def test_pretrain_writes_a_complete_folder_with_its_card(tmp_path):
     assert "| training steps | 2 |" in card.text and "`corpus.txt`" in card.text
     assert "checkpoints/tokenizer/tokenizer.json" not in upload_files(out)
     assert not any(name.startswith("checkpoints/") for name in upload_files(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe by default: only what a model repository is made of goes, and only finite weights
+
+
+PRIVATE = "hf_PRIVATEprivatePRIVATEprivate"
+SECRETS = {
+    ".env": f"HF_TOKEN={PRIVATE}\n",
+    "token": PRIVATE,
+    ".ssh/id_ed25519": f"-----BEGIN OPENSSH PRIVATE KEY-----\n{PRIVATE}\n",
+    "credentials.json": json.dumps({"token": PRIVATE}),
+    "server.pem": f"-----BEGIN PRIVATE KEY-----\n{PRIVATE}\n",
+}
+SHARED = COMPLETE | {"loss.png", "training_summary.json"}
+NESTED = {"sub/checkpoints/checkpoint-5/model.safetensors", "sub/checkpoints/checkpoint-5/optimizer.pt"}
+# each left-out path of the hostile folder, and words its line of the report must hold
+HOSTILE_LEFT_OUT = {
+    ".env": "SECRET? secret-looking name",
+    "token": "SECRET? secret-looking name",
+    ".ssh/id_ed25519": "SECRET? secret-looking name",
+    "credentials.json": "SECRET? secret-looking name",
+    "server.pem": "SECRET? secret-looking name",
+    "notes.txt": "OUTSIDE a symlink to",
+    "special_tokens_map.json": "OUTSIDE a symlink to",  # an allow-listed name, but a link out of the folder
+    "keys": "OUTSIDE a symlink to",  # a folder out of the folder
+    "card.md": "a symlink to README.md: push never follows links",
+    "dump.bin": "not part of a model repository",
+    "old_model_backup.safetensors": "weights the model does not load",
+    "sub/": "a folder of 2 files",
+}
+
+
+def make_hostile(folder: Path, tmp_path: Path) -> Path:
+    """A complete model folder that also holds what must never reach the Hub: secrets, links out of the folder (a
+    file, one under an allow-listed name, a folder) and within it, a dump (the 200 MB of the report, small here), a
+    backup of the weights that the model does not load, and nested checkpoints."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(folder, hostile)
+    outside = tmp_path / "outside"
+    (outside / "keys").mkdir(parents=True)
+    (outside / "private.txt").write_text(PRIVATE)
+    (outside / "keys" / "id_rsa").write_text(PRIVATE)
+    for name, text in SECRETS.items():
+        (hostile / name).parent.mkdir(exist_ok=True)
+        (hostile / name).write_text(text)
+    os.symlink(outside / "private.txt", hostile / "notes.txt")
+    os.symlink(outside / "private.txt", hostile / "special_tokens_map.json")
+    os.symlink(outside / "keys", hostile / "keys")
+    os.symlink("README.md", hostile / "card.md")
+    (hostile / "dump.bin").write_bytes(os.urandom(64 * 1024))
+    shutil.copy(hostile / "model.safetensors", hostile / "old_model_backup.safetensors")
+    nested = hostile / "sub" / "checkpoints" / "checkpoint-5"
+    nested.mkdir(parents=True)
+    (nested / "optimizer.pt").write_bytes(b"\0" * 256)
+    shutil.copy(hostile / "model.safetensors", nested / "model.safetensors")
+    (hostile / "loss.png").write_bytes(b"\x89PNG not really")
+    (hostile / "training_summary.json").write_text(json.dumps({"steps": 3}))
+    return hostile
+
+
+class RecordingHub(HfApi):
+    """The real HfApi with its network calls replaced by a record: `create_commit` keeps the operations it is given
+    (so an `upload_folder` runs huggingface_hub's own choice of files and ends there, with hf_xet off)."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(endpoint="https://hub.invalid")
+        self.calls, self.operations = [], None
+        RecordingHub.last = self
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def _validate_yaml(self, *args, **kwargs):  # upload_folder asks the Hub to validate README.md
+        pass
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.operations = list(operations)
+        self.calls.append(("create_commit", repo_id, kwargs))
+        return SimpleNamespace(commit_url=f"{self.endpoint}/{repo_id}/commit/0", pr_url=None)
+
+
+def report_lines(err: str) -> dict:
+    """The left-out report on stderr, as {path: its line}."""
+    return {line.split()[0]: line for line in err.splitlines() if line.startswith("  ")}
+
+
+def assert_sent_as_on_disk(operations, folder: Path) -> None:
+    for op in operations:
+        content = (folder / op.path_in_repo).read_bytes()
+        assert op.upload_info.size == len(content) and op.upload_info.sha256 == hashlib.sha256(content).digest()
+
+
+def test_push_dry_run_of_a_hostile_folder_lists_only_the_model_repository(folder, tmp_path, capsys):
+    hostile = make_hostile(folder, tmp_path)
+    assert main(["push", str(hostile), "someone/retnet-tiny-test", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert {line.split()[-1] for line in lines[:-1]} == SHARED
+    assert f"{len(HOSTILE_LEFT_OUT)} left out" in lines[-1] and "nothing was uploaded" in lines[-1]
+    report = report_lines(captured.err)
+    assert set(report) == set(HOSTILE_LEFT_OUT), captured.err
+    for path, words in HOSTILE_LEFT_OUT.items():
+        assert words in report[path], report[path]
+    assert "warning: " in captured.err and all(
+        name in captured.err.split("secret-looking files")[1] for name in SECRETS
+    )
+    assert PRIVATE not in captured.out + captured.err
+
+
+def test_push_commits_exactly_the_allow_listed_files(folder, tmp_path, capsys, monkeypatch):
+    hostile = make_hostile(folder, tmp_path)
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHub)  # the one push makes
+    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)
+    assert main(["push", str(hostile), "someone/retnet-tiny-test", "--private"]) == 0
+    hub = RecordingHub.last
+    assert [call[0] for call in hub.calls] == ["create_repo", "create_commit"]
+    assert hub.calls[0][2]["private"] is True
+    sent = sorted(op.path_in_repo for op in hub.operations)
+    assert sent == sorted(SHARED)
+    assert_sent_as_on_disk(hub.operations, hostile)
+    captured = capsys.readouterr()
+    assert set(report_lines(captured.err)) == set(HOSTILE_LEFT_OUT)  # the real push reports them too
+    assert f"pushed {len(SHARED)} files" in captured.out and f"{len(HOSTILE_LEFT_OUT)} left out" in captured.out
+
+
+def test_push_plan_commits_the_checked_operations_themselves(folder, tmp_path):
+    from retnet_hf.hub import push_plan
+
+    hostile = make_hostile(folder, tmp_path)
+    plan = plan_upload(hostile)
+    assert plan.files == sorted(SHARED) and upload_files(hostile) == plan.files
+    hub = RecordingHub()
+    info = push_plan(plan, "someone/retnet-tiny-test", revision="v1", commit_message="tiny", api=hub)
+    assert info.commit_url.endswith("/commit/0")
+    assert [call[0] for call in hub.calls] == ["create_repo", "create_branch", "create_commit"]
+    assert len(hub.operations) == len(plan.operations)
+    assert all(sent is planned for sent, planned in zip(hub.operations, plan.operations))
+    commit = hub.calls[-1][2]
+    assert commit["revision"] == "v1" and commit["commit_message"] == "tiny" and commit["repo_type"] == "model"
+
+    (hostile / "config.json").write_text((hostile / "config.json").read_text() + " ")  # changed after the check
+    late = RecordingHub()
+    with pytest.raises(UsageError, match=r"config.json changed in .* after it was checked: run push again"):
+        push_plan(plan, "someone/retnet-tiny-test", api=late)
+    assert late.calls == []
+
+
+def test_include_adds_files_but_a_secret_only_by_its_exact_path(folder, tmp_path, capsys):
+    hostile = make_hostile(folder, tmp_path)
+
+    def dry_run(*include):
+        code = main(
+            ["push", str(hostile), "someone/retnet-tiny-test", "--dry-run", *[f"--include={p}" for p in include]]
+        )
+        captured = capsys.readouterr()
+        return code, {line.split()[-1] for line in captured.out.splitlines()[:-1]}, captured.err
+
+    code, sent, err = dry_run("dump.bin", "sub/")
+    assert code == 0 and sent == SHARED | {"dump.bin"} | NESTED
+    code, sent, err = dry_run("*")  # everything that is a regular file and does not look like a secret
+    assert sent == SHARED | {"dump.bin", "old_model_backup.safetensors"} | NESTED
+    assert "--include '*' matches it" in report_lines(err)[".env"]
+    code, sent, err = dry_run(".ssh", "card.md")  # a folder is not an exact path; a link is never followed
+    assert sent == SHARED and "SECRET?" in report_lines(err)[".ssh/id_ed25519"] and "card.md" in report_lines(err)
+    code, sent, err = dry_run("token")
+    assert sent == SHARED | {"token"}
+    assert "warning: uploading the secret-looking token, because --include names it exactly" in err
+    code, sent, err = dry_run("no-such-file.txt")
+    assert code == 2 and "--include 'no-such-file.txt' matches nothing" in err and "Traceback" not in err
+
+
+def test_secret_looking_names_are_told_from_model_repository_names(folder):
+    from retnet_hf.hub import looks_secret, model_repository_files
+
+    shared = model_repository_files(folder) | {
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "additional_chat_templates/tool_use.jinja",
+    }
+    assert not [name for name in shared if looks_secret(name)]
+    secrets = [".env", ".env.local", "prod.env", "token", "hf_token.txt", "stored_tokens", "server.pem", "tls.key"]
+    secrets += ["id_rsa", "id_ed25519.pub", "credentials", "gcp-credentials.json", ".netrc", ".git-credentials"]
+    secrets += ["client_secret.json", ".ssh/config", "home/.aws/config", "Token", "API_KEY.txt"]
+    assert [name for name in secrets if not looks_secret(name)] == []
+
+
+def test_code_the_model_needs_under_a_secret_looking_name_refuses_the_push(folder, tmp_path):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(folder, renamed)
+    (renamed / "modeling_retnet.py").rename(renamed / "modeling_secret.py")
+    config = json.loads((renamed / "config.json").read_text())
+    config["auto_map"] = {
+        key: value.replace("modeling_retnet.", "modeling_secret.") for key, value in config["auto_map"].items()
+    }
+    (renamed / "config.json").write_text(json.dumps(config))
+    assert check_folder(renamed) == []  # complete, but a push would leave out what it needs
+    with pytest.raises(IncompleteFolderError, match="modeling_secret.py: the model needs it but its name looks like"):
+        plan_upload(renamed)
+    plan = plan_upload(renamed, include=["modeling_secret.py"])
+    assert "modeling_secret.py" in plan.files and plan.included_secrets == ["modeling_secret.py"]
+
+
+def test_a_required_file_behind_a_symlink_is_not_there(folder, tmp_path, capsys):
+    linked = tmp_path / "linked"
+    shutil.copytree(folder, linked)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (linked / "model.safetensors").rename(elsewhere)
+    os.symlink(elsewhere, linked / "model.safetensors")
+    assert check_folder(linked) == [
+        f"weights: model.safetensors is a symlink to {elsewhere}, which push does not follow "
+        "(put a copy of the file in place of the link)"
+    ]
+    assert main(["push", str(linked), "someone/retnet-tiny-test", "--dry-run"]) == 2
+    assert "model.safetensors is a symlink" in capsys.readouterr().err
+
+
+def corrupt(folder: Path, tmp_path: Path, dtype=None) -> tuple:
+    """A copy of `folder` whose weights (cast to `dtype`) hold a NaN at the end of one tensor and an infinity at
+    the start of another; the copy and the two tensors' names."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = load_file(broken / "model.safetensors")
+    if dtype is not None:
+        weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}
+    floats = sorted(name for name, t in weights.items() if t.is_floating_point() and t.dim() == 2)
+    with_nan, with_inf = floats[0], floats[-1]
+    weights[with_nan].view(-1)[-1] = float("nan")  # the last value: the scan reads every slice
+    weights[with_inf].view(-1)[0] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken, with_nan, with_inf
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(folder, tmp_path, capsys):
+    broken, with_nan, with_inf = corrupt(folder, tmp_path)
+    problems = check_folder(broken)
+    assert len(problems) == 1 and problems[0].startswith("model.safetensors: non-finite weights in 2 of "), problems
+    assert f"{with_nan} (1 NaN, 0 infinite)" in problems[0] and f"{with_inf} (0 NaN, 1 infinite)" in problems[0]
+    with pytest.raises(IncompleteFolderError):
+        plan_upload(broken)
+    assert main(["push", str(broken), "someone/retnet-tiny-test", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "not ready to share" in err and with_nan in err and with_inf in err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e5m2])
+def test_the_weight_scan_reads_every_slice_in_bounded_pieces(folder, tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr("retnet_hf.model_card.SCAN_ELEMENTS", 7)  # a few values per read: many slices per tensor
+    broken, with_nan, with_inf = corrupt(folder, tmp_path, dtype)
+    problems = check_folder(broken)
+    assert (
+        len(problems) == 1 and f"{with_nan} (1 NaN" in problems[0] and f"{with_inf} (0 NaN, 1 infinite)" in problems[0]
+    )

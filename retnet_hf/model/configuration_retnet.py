@@ -1,5 +1,13 @@
 """RetNet configuration: torchscale's field names and meanings, with transformers' standard names as aliases."""
 
+import difflib
+import functools
+import math
+import warnings
+
+from transformers import GenerationConfig
+
+
 try:  # transformers >= 5
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4.x, as pinned by AutoTrain
@@ -10,12 +18,101 @@ RETENTION_FORMS = ("auto", "parallel", "chunkwise", "recurrent")
 ROTARY_STYLES = ("torchscale", "neox")
 ACTIVATIONS = ("swish", "gelu")
 
+CHOICES = {"activation_fn": ACTIVATIONS, "rotary_style": ROTARY_STYLES, "retention_form": RETENTION_FORMS}
+POSITIVE_INTEGERS = (
+    "vocab_size",
+    "decoder_embed_dim",
+    "decoder_value_embed_dim",
+    "decoder_ffn_embed_dim",
+    "decoder_layers",
+    "decoder_retention_heads",
+    "recurrent_chunk_size",
+)
+BOOLEANS = (
+    "no_scale_embedding",
+    "layernorm_embedding",
+    "deepnorm",
+    "decoder_normalize_before",
+    "share_decoder_input_output_embed",
+    "retention_normalization",
+    "group_norm_affine",
+    "use_cache",
+)
+PROBABILITIES = ("dropout", "activation_dropout")
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+# Names that transformers releases from 4.48 on write into a config.json or pass to a config, beyond those that a
+# default config of the running release has (`_transformers_names`): 4.x attributes that 5.x dropped, 5.x's `dtype`
+# (4.x's `torch_dtype`), and keys that loading, saving or quantising a model adds.
+OTHER_RELEASES_NAMES = frozenset(
+    (
+        "_attn_implementation_autoset",
+        "_commit_hash",
+        "_experts_implementation_internal",
+        "add_cross_attention",
+        "attn_implementation",
+        "auto_map",
+        "cross_attention_hidden_size",
+        "custom_pipelines",
+        "dtype",
+        "experts_implementation",
+        "finetuning_task",
+        "is_decoder",
+        "per_layer_config",
+        "prefix",
+        "pruned_heads",
+        "quantization_config",
+        "sep_token_id",
+        "task_specific_params",
+        "tf_legacy_loss",
+        "tie_encoder_decoder",
+        "tokenizer_class",
+        "torchscript",
+        "transformers_weights",
+        "use_bfloat16",
+    )
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_names() -> frozenset:
+    """Every name transformers itself may put into a config: the attributes of a default config of the running
+    release, the generation parameters that older configs carry, and `OTHER_RELEASES_NAMES`."""
+    return frozenset(dir(PreTrainedConfig())) | frozenset(vars(GenerationConfig())) | OTHER_RELEASES_NAMES
+
+
+def _warn_of_unknown_fields(kwargs: dict, known: list) -> None:
+    """Warn of the keys of `kwargs` that neither RetNet (`known`) nor transformers knows, each with the known field
+    it most resembles: a misspelled field is ignored, and its default gives a model of another shape or leaves
+    checkpoint weights unread."""
+    unknown = sorted(set(kwargs) - set(known) - _transformers_names())
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        match = difflib.get_close_matches(name, known, n=1)
+        described.append(repr(name) + (f" (did you mean {match[0]!r}?)" if match else ""))
+    warnings.warn(
+        f"RetNetConfig got field(s) that RetNet does not know and ignores: {', '.join(described)}. Correct or "
+        "remove them (in config.json or in the arguments).",
+        stacklevel=3,
+    )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 class RetNetConfig(PreTrainedConfig):
     r"""
     Configuration of a RetNet decoder (Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large
     Language Models"), laid out as Microsoft's torchscale `RetNetDecoder`, so that a torchscale checkpoint's
     arguments map one to one. The defaults are torchscale's `retnet_base` training preset.
+
+    Each field must have its type (a bool is `true`/`false`, not a string or a number; an int is not a bool or a
+    float) and its range, or a ValueError names it; a name that is neither a field here nor one of transformers'
+    own is ignored with a warning that names the field it resembles (a misspelled `rotary_stlye` would otherwise
+    leave the default in place unnoticed).
 
     Notation used in the docstrings: d = `decoder_embed_dim`, dv = `decoder_value_embed_dim`,
     f = `decoder_ffn_embed_dim`, H = `decoder_retention_heads`, key head dim D = d / H, value head dim Dv = dv / H.
@@ -101,7 +198,7 @@ class RetNetConfig(PreTrainedConfig):
             layernorm_embedding=layernorm_embedding,
             layernorm_eps=layernorm_eps,
             deepnorm=deepnorm,
-            decoder_normalize_before=decoder_normalize_before and not deepnorm,
+            decoder_normalize_before=decoder_normalize_before,
             share_decoder_input_output_embed=share_decoder_input_output_embed,
             recurrent_chunk_size=recurrent_chunk_size,
             rotary_style=rotary_style,
@@ -109,37 +206,52 @@ class RetNetConfig(PreTrainedConfig):
             group_norm_affine=group_norm_affine,
             retention_form=retention_form,
             use_cache=use_cache,
-        )
-        # transformers' standard names (hidden_size, ...) are accepted too, and win when given.
-        fields.update({name: kwargs.pop(alias) for alias, name in self.attribute_map.items() if alias in kwargs})
-        for name, value in fields.items():
-            setattr(self, name, value)
-        self.validate()
-        super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
+        )
+        # transformers' standard names (hidden_size, ...) are accepted too, and win when given.
+        fields.update({name: kwargs.pop(alias) for alias, name in self.attribute_map.items() if alias in kwargs})
+        _warn_of_unknown_fields(kwargs, known=list(fields) + list(self.attribute_map))
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.validate()
+        self.decoder_normalize_before = self.decoder_normalize_before and not self.deepnorm
+        super().__init__(
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
             tie_word_embeddings=self.share_decoder_input_output_embed,
             **kwargs,
         )
 
     def validate(self):
-        """Raise a ValueError that names the field and what it may be."""
+        """Raise a ValueError that names the field, its value and what it must be."""
 
-        def positive_int(name):
+        def refuse(name, expected):
+            value = getattr(self, name)
+            raise ValueError(f"RetNetConfig.{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+        for name in BOOLEANS:
+            if not isinstance(getattr(self, name), bool):
+                refuse(name, "a bool (true or false in config.json)")
+        for name in POSITIVE_INTEGERS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RetNetConfig.{name} must be a positive integer, got {value!r}.")
-
-        for name in (
-            "vocab_size",
-            "decoder_embed_dim",
-            "decoder_value_embed_dim",
-            "decoder_ffn_embed_dim",
-            "decoder_layers",
-            "decoder_retention_heads",
-        ):
-            positive_int(name)
+                refuse(name, "a positive int")
+        for name in PROBABILITIES:
+            if not (_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                refuse(name, "a float in [0, 1)")
+        if not (_is_number(self.layernorm_eps) and 0 < self.layernorm_eps < math.inf):
+            refuse("layernorm_eps", "a float > 0 (1e-6 is torchscale's; 0 gives NaN at padding)")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                refuse(name, f"one of {', '.join(allowed)}")
+        for name in TOKEN_IDS:
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+                refuse(name, "an int or None" + (" (or a list of ints)" if name == "eos_token_id" else ""))
         heads = self.decoder_retention_heads
         for name in ("decoder_embed_dim", "decoder_value_embed_dim"):
             if getattr(self, name) % heads:
@@ -152,23 +264,6 @@ class RetNetConfig(PreTrainedConfig):
                 f"The key head dim decoder_embed_dim / decoder_retention_heads = {self.decoder_embed_dim // heads} "
                 "must be even (the rotation acts on pairs); change decoder_embed_dim or decoder_retention_heads."
             )
-        if self.activation_fn not in ACTIVATIONS:
-            raise ValueError(f"RetNetConfig.activation_fn={self.activation_fn!r}; allowed: {', '.join(ACTIVATIONS)}.")
-        if self.rotary_style not in ROTARY_STYLES:
-            raise ValueError(f"RetNetConfig.rotary_style={self.rotary_style!r}; allowed: {', '.join(ROTARY_STYLES)}.")
-        if self.retention_form not in RETENTION_FORMS:
-            raise ValueError(
-                f"RetNetConfig.retention_form={self.retention_form!r}; allowed: {', '.join(RETENTION_FORMS)}."
-            )
-        if not isinstance(self.recurrent_chunk_size, int) or self.recurrent_chunk_size < 1:
-            raise ValueError(
-                f"RetNetConfig.recurrent_chunk_size must be an integer >= 1, got {self.recurrent_chunk_size!r}."
-            )
-        if not self.layernorm_eps >= 0:
-            raise ValueError(f"RetNetConfig.layernorm_eps must be >= 0, got {self.layernorm_eps!r}.")
-        for name in ("dropout", "activation_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"RetNetConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
 
 
 __all__ = ["RetNetConfig", "RETENTION_FORMS"]

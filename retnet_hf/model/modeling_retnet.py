@@ -236,10 +236,14 @@ class RetNetRelPos(nn.Module):
     ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`((cos, sin), log_decay)`: `cos`, `sin` of shape `[length, D]` for positions start .. start + length - 1,
         in at least float32, and the per-head log decays `[H]` (returned here, not read from the buffer elsewhere,
-        so that accelerate's offloading hooks around this module apply)."""
-        dtype = torch.promote_types(dtype, torch.float32)
-        position = torch.arange(start, start + length, device=self.angle.device, dtype=dtype)
-        phase = position[:, None] * self.angle.to(dtype)[None, :]
+        so that accelerate's offloading hooks around this module apply).
+
+        The phases position * angle are computed in float64 and reduced modulo 2 pi before they are cast: a float32
+        product keeps 24 bits, several radians off at 100M tokens; reduced, a phase is exact to float32 rounding at
+        any position."""
+        position = torch.arange(start, start + length, device=self.angle.device, dtype=torch.float64)
+        phase = torch.remainder(position[:, None] * self.angle[None, :], 2 * math.pi)  # float64 (promoted)
+        phase = phase.to(torch.promote_types(dtype, torch.float32))
         return (phase.cos(), phase.sin()), self.decay
 
 
@@ -545,11 +549,14 @@ class RetNetModel(RetNetPreTrainedModel):
 
     `forward` arguments:
         input_ids (`[B, T]`): token ids; or `inputs_embeds` (`[B, T, d]`), not both.
-        attention_mask (`[B, T]` or `[B, past + T]`): 0 marks padding, which contributes nothing to the state.
+        attention_mask (`[B, T]` or `[B, past + T]`): 1 for real tokens, 0 for padding, which contributes nothing
+            to the state (or True and False); any other value (an additive mask) is a ValueError.
         position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
             tokens starts a new document (packed rows), and the state before it is discarded. Rotations and decays
             are relative, so they are taken from the token count.
-        cache (`RetNetCache`): the state to continue from; updated in place and returned.
+        cache (`RetNetCache`): the state to continue from, made by this model (one of another model's layer
+            count or widths is a ValueError); updated in place and returned. The first new token's position is the
+            number of tokens it has seen, `cache.num_tokens`.
         retention_form (`str`): override `config.retention_form` for this call.
         past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
         output_attentions: RetNet has no attention weights; only None or False is accepted.
@@ -559,6 +566,7 @@ class RetNetModel(RetNetPreTrainedModel):
     """
 
     def __init__(self, config: RetNetConfig):
+        config.validate()  # again: fields set after the config was made (from_pretrained's overrides) are checked
         super().__init__(config)
         self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
@@ -674,9 +682,19 @@ class RetNetModel(RetNetPreTrainedModel):
             raise TypeError(f"cache must be a RetNetCache (as returned by this model), got {type(cache)}.")
         if cache is None:
             return RetNetCache(self.config.decoder_layers) if use_cache else None
-        if cache.states[0] is not None and cache.states[0][0].shape[0] != batch:
+        heads = self.config.decoder_retention_heads
+        shape = (heads, self.config.decoder_embed_dim // heads, self.config.decoder_value_embed_dim // heads)
+        state = cache.states[0] if cache.states else None
+        if len(cache.states) != len(self.layers) or (state is not None and tuple(state[0].shape[1:]) != shape):
+            found = "" if state is None else f", states [batch, H, D, Dv] = {list(state[0].shape)}"
             raise ValueError(
-                f"The cache holds a batch of {cache.states[0][0].shape[0]} rows but the input has {batch}; pass a "
+                f"The cache was made for another model ({len(cache.states)} layers{found}); this model has "
+                f"{len(self.layers)} layers and states [batch, {', '.join(map(str, shape))}] (H heads, key and value "
+                "head dims D and Dv). Pass the cache that this model returned, or none to start a new one."
+            )
+        if state is not None and state[0].shape[0] != batch:
+            raise ValueError(
+                f"The cache holds a batch of {state[0].shape[0]} rows but the input has {batch}; pass a "
                 "cache made for this batch."
             )
         return cache
@@ -695,9 +713,22 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (the new tokens) or "
                 f"{past_length + length} (the cached and the new tokens)."
             )
-        valid = attention_mask[:, -length:].bool()
-        # (under torch.compile / torch.export the mask is kept: a branch on tensor values would break the graph)
-        return valid if is_torchdynamo_compiling() or not valid.all() else None
+        columns = attention_mask[:, -length:]
+        # (under torch.compile / torch.export the mask is neither checked nor dropped: a branch on tensor values
+        # would break the graph)
+        if is_torchdynamo_compiling():
+            return columns.bool()
+        if (columns == 1).all():
+            return None
+        valid = columns.bool()
+        odd = columns[valid.to(columns.dtype) != columns]  # the values other than 0 and 1
+        if odd.numel():
+            raise ValueError(
+                f"attention_mask must hold 1 for real tokens and 0 for padding (or True and False), got "
+                f"{odd[0].item()!r}. Additive masks (0 to keep, a large negative number at padding) are not "
+                "accepted: pass (additive_mask == 0).long() instead."
+            )
+        return valid
 
     @staticmethod
     def _document_starts(position_ids, cu_seq_lens, batch, length, has_state) -> Optional[torch.Tensor]:

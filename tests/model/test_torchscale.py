@@ -18,6 +18,7 @@ from torch import nn
 
 from retnet_hf import RetNetConfig, RetNetForCausalLM
 from retnet_hf.conversion import from_torchscale_key
+from retnet_hf.model.modeling_retnet import RetNetRMSNorm
 
 from conftest import import_torchscale, logits_token_by_token, random_ids, relative_difference
 
@@ -186,7 +187,10 @@ def test_zero_eps_matches_torchscale_parallel_exactly(monkeypatch):
 
     def differences(eps):
         decoder = build_torchscale(qk_gain=8.0, layernorm_eps=eps, **fields)
-        model = build_ours(decoder, layernorm_eps=eps, **fields)
+        model = build_ours(decoder, **fields)
+        for module in model.modules():  # a config's layernorm_eps must be > 0; the norms take 0 here
+            if isinstance(module, RetNetRMSNorm):
+                module.eps = eps
         reference = torchscale_parallel(decoder, tokens)
         with torch.no_grad():
             diffs = {

@@ -7,21 +7,19 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import UsageError
-from .options import add_settings_options, positive_int, settings_from_args
+from .options import add_settings_options, float_in, non_negative_int, positive_float, positive_int, settings_from_args
 
 
-def _load_for_inference(folder: str):
+def _load_for_inference(folder: str, trust_remote_code: bool):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import load_causal_lm, load_tokenizer
 
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    except Exception as error:  # whatever the loaders raise (bad JSON, truncated safetensors, ...)
-        raise UsageError(f"{folder}: cannot load the model or its tokenizer: {error}") from error
+    model = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
@@ -72,8 +70,12 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    model, tokenizer = _load_for_inference(args.model)
+    model, tokenizer = _load_for_inference(args.model, args.trust_remote_code)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    if inputs.input_ids.shape[1] == 0:  # no prompt: start from the beginning-of-text token
+        if tokenizer.bos_token_id is None:
+            raise UsageError(f"{args.model}'s tokenizer has no beginning-of-text token to start from; give --prompt")
+        inputs = tokenizer(tokenizer.bos_token, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = _RateStreamer(tokenizer)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -97,17 +99,21 @@ def cmd_chat(args) -> None:
     from .data import GUANACO_CHAT_TEMPLATE, HUMAN
     from .model import CACHE_NAME
 
-    model, tokenizer = _load_for_inference(args.model)
+    model, tokenizer = _load_for_inference(args.model, args.trust_remote_code)
     history = torch.empty(1, 0, dtype=torch.long, device=model.device)
     cache = None
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_line()
+        if line is None:
             break
-        message = line.strip()
+        try:
+            message = line.decode("utf-8").strip() if isinstance(line, bytes) else line.strip()
+        except UnicodeDecodeError:
+            print("that line is not UTF-8 text; type it again (the conversation is kept)", file=sys.stderr)
+            continue
         if not message:
             continue
         if message in ("/exit", "/quit"):
@@ -143,6 +149,14 @@ def cmd_chat(args) -> None:
         )
 
 
+def _read_line():
+    """One line of stdin, as bytes where stdin has a byte buffer (a line that is not UTF-8 must not end the chat),
+    else as text; None at the end of the input."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    line = stream.readline()
+    return line if line else None
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -158,9 +172,17 @@ def cmd_convert(args) -> None:
     """Convert a torchscale/fairseq, syncdoth-format or fla RetNet checkpoint into a retnet-hf folder."""
     from .conversion import ConversionError, convert_checkpoint
 
+    def notify(message: str) -> None:  # a staging folder of OUT removed or left alone
+        print(f"retnet-hf convert: {message}", file=sys.stderr)
+
     try:
         out = convert_checkpoint(
-            args.source_format, args.src, args.out, config_json=args.config, max_shard_size=args.max_shard_size
+            args.source_format,
+            args.src,
+            args.out,
+            config_json=args.config,
+            max_shard_size=args.max_shard_size,
+            notify=notify,
         )
     except ConversionError as error:
         raise UsageError(str(error)) from error
@@ -185,24 +207,28 @@ def cmd_sft(args) -> None:
 
 
 def cmd_push(args) -> None:
-    """Check a model folder, then upload it to a Hub model repo (or, with --dry-run, list what would go)."""
-    from .hub import plan_upload, push_folder
+    """Check a model folder, then upload its model-repository files to a Hub model repo (or, with --dry-run, list
+    them); what is left out, and why, goes to stderr in both cases."""
+    from .hub import check_target, left_out_report, plan_upload, push_plan
 
+    check_target(args.repo_id, args.revision, args.create_pr)
+    plan = plan_upload(args.folder, include=args.include)
+    for line in left_out_report(plan):
+        print(line, file=sys.stderr)
+    left_out = f"; {len(plan.left_out)} left out (listed on stderr)" if plan.left_out else ""
     if args.dry_run:
-        operations = plan_upload(args.folder)
-        for operation in operations:
+        for operation in plan.operations:
             print(
                 f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
                 f"{operation.path_in_repo}"
             )
-        total = sum(operation.upload_info.size for operation in operations)
         print(
-            f"{args.folder} is complete: {len(operations)} files, {total:,} bytes would go to {args.repo_id} "
-            "(dry run: nothing was uploaded)"
+            f"{args.folder} is complete: {len(plan.operations)} files, {plan.size:,} bytes would go to {args.repo_id}"
+            f"{left_out} (dry run: nothing was uploaded)"
         )
         return
-    info = push_folder(
-        args.folder,
+    info = push_plan(
+        plan,
         args.repo_id,
         private=args.private,
         revision=args.revision,
@@ -211,7 +237,7 @@ def cmd_push(args) -> None:
         create_pr=args.create_pr,
     )
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
-    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    print(f"pushed {len(plan.operations)} files of {args.folder} to {args.repo_id}{left_out}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a small RetNet for a couple of minutes and show its claims")
     demo.add_argument("--text", help="train on this text file instead of the embedded corpus (this package's source)")
     demo.add_argument("--output", default="retnet-demo", help="folder for the trained model (default retnet-demo)")
-    demo.add_argument("--max-seconds", type=float, default=120.0, help="training time budget (default 120)")
+    demo.add_argument("--max-seconds", type=positive_float, default=120.0, help="training time budget (default 120)")
     demo.add_argument("--max-steps", type=positive_int, default=1500, help="training steps at most (default 1500)")
     demo.set_defaults(func=cmd_demo)
 
@@ -245,10 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--prompt", default="", help="text to continue")
         sub.add_argument("--max-new-tokens", type=positive_int, default=200 if name == "generate" else 128)
         sub.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-        sub.add_argument("--temperature", type=float, default=0.8)
-        sub.add_argument("--top-p", type=float, default=0.9)
-        sub.add_argument("--top-k", type=int, default=50)
-        sub.add_argument("--seed", type=int, default=None)
+        sub.add_argument("--temperature", type=positive_float, default=0.8)
+        sub.add_argument("--top-p", type=float_in(0.0, 1.0), default=0.9, help="nucleus mass in (0, 1]")
+        sub.add_argument("--top-k", type=positive_int, default=50)
+        sub.add_argument("--seed", type=non_negative_int, default=None)
+        sub.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let a folder that is not a RetNet run its own Python code (RetNet folders never need it)",
+        )
         sub.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     sft = commands.add_parser("sft", help="fine-tune a model folder on guanaco-style chat data (LoRA, QLoRA, full)")
@@ -285,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check the folder and list the files, sizes and sha256 that would be uploaded",
+    )
+    push.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload these files (a path, a folder or a pattern such as 'notes/*.md'; repeatable); a "
+        "secret-looking file goes only when PATTERN is its exact path",
     )
     push.set_defaults(func=cmd_push)
     return parser

@@ -1,6 +1,7 @@
 """The demo: train a small RetNet for a couple of minutes, reload it through the Auto classes, generate, and show
 on this machine that the three forms agree and that decoding costs the same per token at any context length."""
 
+import math
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -88,16 +89,19 @@ def run_demo(
     sample_ids = model.generate(**inputs, max_new_tokens=60, do_sample=True, top_p=0.9, temperature=0.8)
     sample = tokenizer.decode(sample_ids[0], skip_special_tokens=True)
 
-    probe = torch.randint(0, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(1))
+    chunk = model.config.recurrent_chunk_size  # the probe spans three chunks and part of a fourth, so the
+    length = 3 * chunk + chunk // 3 + 1  # chunkwise form carries its state across chunk boundaries
+    probe = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
     disagreement = forms_disagreement(model, probe)
+    spans = f"{length} tokens, {math.ceil(length / chunk)} chunks of {chunk}"
     short, long = decode_seconds_per_token(model, [short_context, long_context])
 
     rows = [
         ("model", f"{result.num_parameters / 1e6:.2f}M parameters, folder {output_dir}"),
         ("training", f"{result.steps} steps in {result.seconds:.0f} s, final train loss {result.train_loss:.3f}"),
         ("evaluation", f"loss {result.eval_loss:.3f}, perplexity {result.eval_perplexity:.1f}"),
-        ("chunkwise vs parallel", f"max |diff| / max |logit| = {disagreement['chunkwise']:.1e} (300 tokens)"),
-        ("recurrent vs parallel", f"max |diff| / max |logit| = {disagreement['recurrent']:.1e} (300 tokens)"),
+        ("chunkwise vs parallel", f"max |diff| / max |logit| = {disagreement['chunkwise']:.1e} ({spans})"),
+        ("recurrent vs parallel", f"max |diff| / max |logit| = {disagreement['recurrent']:.1e} ({length} tokens)"),
         (f"decode at {short_context} tokens", f"{short * 1e3:.2f} ms/token"),
         (f"decode at {long_context} tokens", f"{long * 1e3:.2f} ms/token ({long / short:.2f}x the short context)"),
     ]

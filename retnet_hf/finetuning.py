@@ -23,12 +23,20 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import DEFAULT_DATASET, load_guanaco, save_tokenizer, set_chat_template
+from .data import DEFAULT_DATASET, fit_to_max_length, load_guanaco, save_tokenizer, set_chat_template
 from .errors import UsageError, require
+from .loading import load_causal_lm, load_tokenizer, refuse_foreign_code, resolve_source
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
-from .options import positive_int
+from .options import non_negative_int, positive_float, positive_int
 from .reports import plot_loss_curve
-from .training import base_training_arguments, last_checkpoint, logged_losses
+from .training import (
+    base_training_arguments,
+    claimed_output,
+    disk_full_explained,
+    divergence_guard,
+    last_checkpoint,
+    logged_losses,
+)
 
 
 def linear4bit_modules(model) -> list:
@@ -86,11 +94,14 @@ def lora_config(
     )
 
 
-def load_model(folder: str, method: str = "lora", dtype: Optional[torch.dtype] = None):
-    """The model of `folder` for `method` "lora" / "full" (float) or "qlora" (nf4, double quant) / "lora8" (int8)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_model(folder: str, method: str = "lora", dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
+    """The model of `folder` for `method` "lora" / "full" (float) or "qlora" (nf4, double quant) / "lora8" (int8).
 
-    kwargs = {"trust_remote_code": True}
+    A RetNet folder loads through this package; another folder's own code runs only with `trust_remote_code`.
+    Missing weights are a UsageError (`loading.load_causal_lm`)."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {}
     if method == "qlora":
         compute = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -103,7 +114,7 @@ def load_model(folder: str, method: str = "lora", dtype: Optional[torch.dtype] =
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return load_causal_lm(folder, trust_remote_code=trust_remote_code, **kwargs)
 
 
 @dataclass
@@ -148,7 +159,9 @@ class SFTSettings:
     alpha: Optional[int] = field(default=None, metadata=dict(parse=positive_int, help="LoRA alpha (default 2 x rank)"))
     lora_dropout: float = field(default=0.05, metadata=dict(help="dropout on the LoRA path (default 0.05)"))
     target_modules: Tuple[str, ...] = field(default=tuple(LORA_TARGET_MODULES), metadata=dict(cli=False))
-    learning_rate: float = field(default=2e-4, metadata=dict(flag="--lr", help="peak learning rate (cosine)"))
+    learning_rate: float = field(
+        default=2e-4, metadata=dict(flag="--lr", parse=positive_float, help="peak learning rate (cosine)")
+    )
     max_length: int = field(default=512, metadata=dict(parse=positive_int, help="tokens per sequence (default 512)"))
     packing: bool = field(
         default=False, metadata=dict(help="pack documents into padding-free rows (the state resets at each document)")
@@ -165,8 +178,15 @@ class SFTSettings:
     logging_steps: int = field(default=10, metadata=dict(parse=positive_int))
     limit: Optional[int] = field(default=None, metadata=dict(parse=positive_int, help="use only the first N rows"))
     merge: bool = field(default=False, metadata=dict(help="save the model with the adapter merged in"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=dict(parse=non_negative_int))
     resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
+    overwrite: bool = field(
+        default=False,
+        metadata=dict(help="write into a non-empty --output that is not an earlier `sft` run's (replaces files)"),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=dict(help="let a MODEL folder that is not a RetNet run its own Python code")
+    )
     disable_tqdm: bool = field(default=False, metadata=dict(cli=False))
     write_card: bool = field(default=True, metadata=dict(cli=False))
 
@@ -182,16 +202,23 @@ def sft(settings: SFTSettings) -> SFTResult:
     """
     s = settings
     _check(s)
+    with claimed_output(s.output_dir, "sft", overwrite=s.overwrite), disk_full_explained(s.output_dir):
+        return _sft(s)
+
+
+def _sft(s: SFTSettings) -> SFTResult:
     tokenizer, dataset = _tokenizer_and_data(s)
     torch.manual_seed(s.seed)
     model = _trainable_model(s, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = _trainer(s, model, tokenizer, dataset)
+    guard = divergence_guard()
+    trainer = _trainer(s, model, tokenizer, dataset, callbacks=[guard])
     checkpoints = Path(s.output_dir) / "checkpoints"
     last = last_checkpoint(checkpoints, s.resume)
     start = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - start
+    guard.raise_if_diverged(s)
     merged = _save(s, trainer.model, tokenizer)
     plot_loss_curve(trainer.state.log_history, Path(s.output_dir) / "loss.png")
     losses = logged_losses(trainer.state.log_history)
@@ -215,28 +242,38 @@ def _check(s: SFTSettings) -> None:
         raise UsageError(f"unknown method {s.method!r}; choose one of: {', '.join(METHODS)}")
     if s.merge and s.method == "full":
         raise UsageError("--merge applies to --lora and --qlora (a --full run already saves a whole model)")
-    if not (Path(s.model) / "config.json").is_file():
+    base = Path(resolve_source(s.model))
+    if not (base / "config.json").is_file():
         raise UsageError(f"{s.model}: not a model folder (no config.json)")
+    output = Path(s.output_dir).expanduser().resolve()
+    if output == base.resolve() or output in base.resolve().parents:
+        raise UsageError(
+            f"--output {s.output_dir} is (or holds) the base model {s.model}: the adapter or merged weights would "
+            "change what the base folder loads as. Choose another --output"
+        )
+    refuse_foreign_code(str(base), s.trust_remote_code)
     if s.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, got {s.max_length}")
 
 
 def _tokenizer_and_data(s: SFTSettings):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(s.model)
-    except Exception as error:
-        raise UsageError(f"{s.model}: cannot load its tokenizer: {error}") from error
-    set_chat_template(tokenizer)
-    return tokenizer, load_guanaco(s.data, text_column=s.text_column, completion_only=s.completion_only, limit=s.limit)
+    """The tokenizer (with the guanaco chat template) and the data, less the rows that cannot train; prints how
+    many rows `max_length` truncates and drops (data.fit_to_max_length counts as SFTTrainer will cut)."""
+    tokenizer = set_chat_template(load_tokenizer(s.model, trust_remote_code=s.trust_remote_code))
+    data = load_guanaco(s.data, text_column=s.text_column, completion_only=s.completion_only, limit=s.limit)
+    data, report = fit_to_max_length(data, tokenizer, s.max_length, completion_only=s.completion_only)
+    print(report.line(), flush=True)
+    return tokenizer, data
 
 
 def _trainable_model(s: SFTSettings, tokenizer):
     """The base model (4-bit for QLoRA) with LoRA adapters, or the whole model for full fine-tuning."""
     get_peft_model = require("peft").get_peft_model
     try:
-        model = load_model(str(Path(s.model).resolve()), s.method)  # the adapter then names the base by its path
+        # the adapter then names the base by its path
+        model = load_model(str(Path(s.model).resolve()), s.method, trust_remote_code=s.trust_remote_code)
+    except UsageError:
+        raise
     except Exception as error:
         raise UsageError(f"{s.model}: cannot load the model: {error}") from error
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -249,7 +286,7 @@ def _trainable_model(s: SFTSettings, tokenizer):
     return model
 
 
-def _trainer(s: SFTSettings, model, tokenizer, dataset):
+def _trainer(s: SFTSettings, model, tokenizer, dataset, callbacks=()):
     trl = require("trl")
     SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
     config = SFTConfig(
@@ -265,7 +302,9 @@ def _trainer(s: SFTSettings, model, tokenizer, dataset):
         disable_tqdm=s.disable_tqdm,
         dataset_text_field="text",
     )
-    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    return SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
+    )
 
 
 def _save(s: SFTSettings, trained, tokenizer) -> bool:
@@ -280,7 +319,7 @@ def _save(s: SFTSettings, trained, tokenizer) -> bool:
             from peft import PeftModel
 
             trained.save_pretrained(str(output / "adapter"))
-            base = load_model(str(Path(s.model).resolve()), "lora")
+            base = load_model(str(Path(s.model).resolve()), "lora", trust_remote_code=s.trust_remote_code)
             trained = PeftModel.from_pretrained(base, str(output / "adapter"))
         trained = trained.merge_and_unload()
         merged = True

@@ -11,16 +11,52 @@ A field becomes `--field-name` with the field's default and type. Its `metadata`
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Type
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def int_at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= `minimum` (`why` says the reason in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {what}{why}, got {text}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(low: float, high: float = float("inf"), *, low_inclusive: bool = False):
+    """An argparse type: a finite number in the range (`low`, `high`] (`[low, high]` with `low_inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        above = value >= low if low_inclusive else value > low
+        if not (above and value <= high and math.isfinite(value)):
+            opening = "[" if low_inclusive else "("
+            closing = ")" if high == float("inf") else "]"
+            raise argparse.ArgumentTypeError(f"must be a number in {opening}{low:g}, {high:g}{closing}, got {text}")
+        return value
+
+    parse.__name__ = "float_in"
+    return parse
+
+
+positive_float = float_in(0.0)
 
 
 def add_settings_options(parser: argparse.ArgumentParser, settings: Type, **defaults: Any) -> None:

@@ -9,19 +9,28 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .data import load_texts, save_tokenizer, token_blocks, train_tokenizer
+from .data import SPECIAL_TOKENS, load_texts, save_tokenizer, token_blocks, train_tokenizer
 from .errors import UsageError
+from .loading import load_causal_lm, resolve_source
 from .model import RetNetForCausalLM
-from .options import positive_int
+from .options import float_in, int_at_least, non_negative_int, positive_float, positive_int
 from .presets import PRESETS, preset_config
 from .reports import plot_loss_curve
-from .training import base_training_arguments, last_checkpoint, logged_losses
+from .training import (
+    base_training_arguments,
+    claimed_output,
+    disk_full_explained,
+    divergence_guard,
+    last_checkpoint,
+    logged_losses,
+)
 
 
 def time_budget(seconds: float):
@@ -62,20 +71,46 @@ class PretrainSettings:
     tokenizer: Optional[str] = field(
         default=None, metadata=dict(help="a tokenizer folder; by default a byte-level BPE is trained on the text")
     )
-    vocab_size: int = field(default=4096, metadata=dict(parse=positive_int, help="size of a trained tokenizer"))
+    vocab_size: int = field(
+        default=4096,
+        metadata=dict(
+            parse=int_at_least(
+                256 + len(SPECIAL_TOKENS), " (a byte-level BPE holds the 256 bytes and 3 special tokens)"
+            ),
+            help="size of a trained tokenizer",
+        ),
+    )
     text_column: str = field(default="text", metadata=dict(help="column of jsonl/parquet/csv/Hub data (default text)"))
-    block_size: int = field(default=256, metadata=dict(parse=positive_int, help="tokens per training sequence"))
+    block_size: int = field(
+        default=256,
+        metadata=dict(parse=int_at_least(2, " (a token predicts the next one)"), help="tokens per training sequence"),
+    )
     batch_size: int = field(default=8, metadata=dict(parse=positive_int))
     gradient_accumulation_steps: int = field(default=1, metadata=dict(parse=positive_int))
-    learning_rate: float = field(default=1e-3, metadata=dict(flag="--lr", help="peak learning rate (cosine schedule)"))
+    learning_rate: float = field(
+        default=1e-3, metadata=dict(flag="--lr", parse=positive_float, help="peak learning rate (cosine schedule)")
+    )
     max_steps: int = field(default=1000, metadata=dict(parse=positive_int))
-    max_seconds: Optional[float] = field(default=None, metadata=dict(help="stop after this long"))
-    warmup_steps: int = field(default=50, metadata=dict(help="warm-up steps (at most a tenth of the steps)"))
-    eval_fraction: float = field(default=0.05, metadata=dict(help="share of the blocks held out for evaluation"))
+    max_seconds: Optional[float] = field(
+        default=None, metadata=dict(parse=positive_float, help="stop after this many seconds (default: no limit)")
+    )
+    warmup_steps: int = field(
+        default=50, metadata=dict(parse=non_negative_int, help="warm-up steps (at most a tenth of the steps)")
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata=dict(parse=float_in(0.0, 0.5), help="share of the blocks held out for evaluation")
+    )
     eval_steps: int = field(default=100, metadata=dict(parse=positive_int))
     save_steps: int = field(default=200, metadata=dict(parse=positive_int))
-    seed: int = 0
+    seed: int = field(default=0, metadata=dict(parse=non_negative_int))
     resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
+    overwrite: bool = field(
+        default=False,
+        metadata=dict(help="write into a non-empty --output that is not an earlier `train` run's (replaces files)"),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=dict(help="let a --model folder that is not a RetNet run its own Python code")
+    )
     fsdp: bool = field(
         default=False,
         metadata=dict(
@@ -103,19 +138,37 @@ class TrainResult:
 def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResult:
     """Train a RetNet from scratch (`settings.preset`) or continue one (`settings.model`, a folder) on text.
 
-    Checkpoints go to `output_dir/checkpoints` and a run resumes from the newest one. Under `torchrun` /
+    `output_dir` must be new, empty or an earlier `train` run's folder (or `overwrite`), and no other run may be
+    writing to it (`training.claimed_output`). Checkpoints go to `output_dir/checkpoints` and a run resumes from
+    the newest complete one. A non-finite loss stops the run with a UsageError before anything is saved as the
+    model. Under `torchrun` /
     `accelerate launch` every process runs this function and Trainer trains data-parallel (DDP), or with `fsdp`
     fully sharded (one `RetNetDecoderLayer` per wrap unit); only the main process writes.
     """
+    s = settings
+    for source, what in ((s.model, "model"), (s.tokenizer, "tokenizer")):
+        if source is not None:
+            resolve_source(source, what)  # a local path that does not exist: said now, not as a bad Hub id later
+    args = _training_arguments(s)
+    with ExitStack() as held:
+        # the main process claims the folder first; the others then see its marker and only check
+        with args.main_process_first(local=False, desc="claiming the output folder"):
+            held.enter_context(
+                claimed_output(s.output_dir, "train", overwrite=s.overwrite, main_process=args.process_index == 0)
+            )
+        with disk_full_explained(s.output_dir):
+            return _pretrain(s, args, callbacks)
+
+
+def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
     from transformers import Trainer, default_data_collator
 
-    s = settings
-    args = _training_arguments(s)
     tokenizer, train_set, eval_set = _tokenizer_and_blocks(s, args)
     torch.manual_seed(s.seed)
     model = _model(s, tokenizer)
     num_parameters = model.num_parameters()  # before FSDP shards the weights
-    callbacks = list(callbacks) + ([time_budget(s.max_seconds)] if s.max_seconds else [])
+    guard = divergence_guard()
+    callbacks = [guard, *callbacks] + ([time_budget(s.max_seconds)] if s.max_seconds is not None else [])
     trainer = Trainer(
         model=model,
         args=args,
@@ -125,9 +178,11 @@ def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResul
         callbacks=callbacks,
     )
     start = time.monotonic()
-    train_output = trainer.train(resume_from_checkpoint=last_checkpoint(Path(args.output_dir), s.resume))
+    resume = last_checkpoint(Path(args.output_dir), s.resume, set_aside=args.process_index == 0)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - start
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate() if guard.diverged is None else {}
+    guard.raise_if_diverged(s, metrics.get("eval_loss"))
     losses = logged_losses(trainer.state.log_history)
     result = TrainResult(
         output_dir=Path(s.output_dir),
@@ -179,14 +234,17 @@ def _tokenizer_and_blocks(s: PretrainSettings, args):
     checkpoints = Path(args.output_dir)
     with args.main_process_first(local=False, desc="tokenizer and data"):
         data = load_texts(s.texts, s.text_column)
-        source = s.tokenizer
+        source = None if s.tokenizer is None else resolve_source(s.tokenizer, "tokenizer")
         if source is None and s.model is not None and (Path(s.model) / "tokenizer.json").exists():
             source = s.model
         trained = checkpoints / "tokenizer"  # kept so that a resumed run uses the same one
         if source is None and (s.resume or args.process_index > 0) and (trained / "tokenizer.json").exists():
             source = str(trained)
         if source is not None:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+            try:
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+            except Exception as error:  # not a tokenizer folder, an unreachable Hub id, a broken tokenizer.json
+                raise UsageError(f"{source}: cannot load a tokenizer from it: {error}") from error
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
         else:
@@ -198,11 +256,9 @@ def _tokenizer_and_blocks(s: PretrainSettings, args):
 
 
 def _model(s: PretrainSettings, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     if s.model is None:
         return RetNetForCausalLM(preset_config(s.preset, len(tokenizer), tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(s.model, trust_remote_code=True)
+    model = load_causal_lm(s.model, trust_remote_code=s.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model

@@ -146,8 +146,12 @@ def test_demo_runs_on_a_small_budget(tmp_path, text_file, capsys):
     out = capsys.readouterr().out
     for row in ("chunkwise vs parallel", "recurrent vs parallel", "decode at 128 tokens", "decode at 4096 tokens"):
         assert row in out
-    recurrent = float(out.split("recurrent vs parallel")[1].split("=")[1].split()[0])
-    assert recurrent < 1e-4
+    for form in ("chunkwise", "recurrent"):
+        assert float(out.split(f"{form} vs parallel")[1].split("=")[1].split()[0]) < 1e-4
+    # the chunkwise row spans several chunks: a probe inside one chunk is the parallel computation itself
+    tokens, chunks, chunk = map(int, re.search(r"\((\d+) tokens, (\d+) chunks of (\d+)\)", out).groups())
+    assert chunks >= 3 and tokens > 3 * chunk
+    assert chunk == json.loads((tmp_path / "demo" / "config.json").read_text())["recurrent_chunk_size"]
 
 
 @pytest.mark.parametrize(

@@ -586,11 +586,23 @@ def test_sft_adapter_folder_loads_with_peft(tmp_path, folder, short_jsonl):
         torch.testing.assert_close(direct(ids).logits, model.eval()(ids).logits)
 
 
+def test_sft_refuses_an_output_that_is_or_holds_the_base(tmp_path, folder, short_jsonl, capsys):
+    from retnet_hf.cli import main
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for output in (folder, folder.parent, folder / "."):
+        argv = ["sft", str(folder), "--output", str(output), "--data", str(short_jsonl), "--max-steps", "1"]
+        assert main(argv + ["--overwrite", "--merge"]) == 2
+        assert "is (or holds) the base model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert not (folder / "checkpoints").exists()
+
+
 def test_sft_usage_errors(tmp_path, folder, capsys):
     from retnet_hf.cli import main
 
     assert main(["sft", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "no such model folder" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "no chat markers here"}) + "\n")
     assert main(["sft", str(folder), "--output", str(tmp_path / "o"), "--data", str(bad), "--max-steps", "1"]) == 2

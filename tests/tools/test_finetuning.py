@@ -598,6 +598,16 @@ def test_sft_refuses_an_output_that_is_or_holds_the_base(tmp_path, folder, short
     assert not (folder / "checkpoints").exists()
 
 
+def test_a_diverged_sft_run_is_stopped_and_not_saved(tmp_path, folder, short_jsonl, capsys):
+    from retnet_hf.cli import main
+
+    out = tmp_path / "diverged"
+    argv = ["sft", str(folder), "--output", str(out), "--data", str(short_jsonl), "--max-length", "64"]
+    assert main(argv + ["--full", "--lr", "1e6", "--max-steps", "6", "--logging-steps", "1", "--batch-size", "2"]) == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists() and not (out / "training_summary.json").exists()
+
+
 def test_sft_usage_errors(tmp_path, folder, capsys):
     from retnet_hf.cli import main
 

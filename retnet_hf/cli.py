@@ -163,6 +163,7 @@ def cmd_demo(args) -> None:
     run_demo(
         texts=[args.text] if args.text else None,
         output_dir=args.output,
+        overwrite=args.overwrite,
         max_seconds=args.max_seconds,
         max_steps=args.max_steps,
     )
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="retnet-demo", help="folder for the trained model (default retnet-demo)")
     demo.add_argument("--max-seconds", type=positive_float, default=120.0, help="training time budget (default 120)")
     demo.add_argument("--max-steps", type=positive_int, default=1500, help="training steps at most (default 1500)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --output that is not an earlier run's"
+    )
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="pretrain a RetNet from scratch, or continue one, on text")

@@ -55,6 +55,7 @@ def decode_seconds_per_token(model, contexts: Sequence[int], steps: int = 32, ro
 def run_demo(
     texts: Optional[Sequence[str]] = None,
     output_dir: str = "retnet-demo",
+    overwrite: bool = False,
     max_seconds: float = 120.0,
     max_steps: int = 1500,
     preset: str = "tiny",
@@ -79,6 +80,7 @@ def run_demo(
             eval_steps=50,
             save_steps=200,
             resume=False,
+            overwrite=overwrite,
         )
     )
 

@@ -170,6 +170,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """The machine's load average over 1, 5 and 15 minutes, e.g. "0.12, 0.40, 0.35" ("n/a" where the system has
+    none): on a shared machine, what else was running while the timings were taken."""
+    try:
+        return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def machine_description(bandwidth_gbs: Optional[float] = None, device="cpu") -> str:
     """A few lines naming the machine: CPU (or GPU), cores, threads, memory, versions, measured bandwidth."""
     import transformers

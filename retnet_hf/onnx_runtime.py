@@ -1,0 +1,579 @@
+"""RetNet on ONNX Runtime: `export_onnx(folder, out)` writes a model folder as two ONNX graphs, and `OnnxRetNet`
+(or the one-call `generate`) decodes with them, greedy or sampled, on left-padded batches: the runner computes with
+onnxruntime and numpy, and samples with transformers' logits warpers.
+
+The two graphs are traced by `torch.onnx.export(..., dynamo=True)` from small wrappers around the model's own
+`forward` (nothing of the math is written again here); every input and output is a plain tensor:
+
+    prefill.onnx   input_ids [batch, length] int64, attention_mask [batch, length] int64, num_tokens [] int64,
+                   state.{i} [batch, H, D, Dv] float32, scale.{i} [batch, H] float32    (i < layers)
+               ->  logits [batch, V] float32 (of the last token), next_state.{i}, next_scale.{i}
+    step.onnx      input_ids [batch, 1] int64, num_tokens [] int64, state.{i}, scale.{i}
+               ->  logits [batch, V], next_state.{i}, next_scale.{i}
+
+`batch` and `length` are dynamic. `num_tokens` is the number of tokens the state has seen (padding included), as
+`RetNetCache.num_tokens`: the first new token's position. A state is the layer's `(S, scale)` pair of
+`RetNetCache.states`; the empty state is zeros with `num_tokens` 0.
+
+`prefill.onnx` runs the parallel form on one chunk with the state before it and returns the state after it; the
+runner feeds a prompt to it `recurrent_chunk_size` tokens at a time, which is exactly the model's chunkwise form
+(`chunkwise_retention` is the parallel form per chunk with the state carried). The loop over chunks stays in the
+runner because its trip count depends on the prompt's length: torch.export unrolls a Python loop, so the chunkwise
+form traced whole would fix the length to the example's. `step.onnx` is the recurrent form on one token. A
+left-padded batch is handled as by `generate()`: the mask zeroes the padding's weight in the state and the rotation
+and decay are relative, so the padded rows share one count; decoding steps need no mask.
+
+The export folder holds the two graphs, `retnet_onnx.json` (names, shapes, special tokens, versions), the source's
+`config.json` and `generation_config.json`, and its tokenizer. Each graph carries its own float32 copy of the
+weights. The graphs are checked against PyTorch on ONNX Runtime before the folder is published; the folder is
+written under a staging name next to OUT (`.OUT.exporting-PID-RANDOM`) and renamed at the end, so a failed export
+leaves no OUT (only a killed one leaves its staging folder). Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
+"""
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import UsageError, require
+
+
+MANIFEST = "retnet_onnx.json"
+FORMAT = "retnet-hf-onnx"
+FORMAT_VERSION = 1
+GRAPHS = {"prefill": "prefill.onnx", "step": "step.onnx"}
+CHECK_TOLERANCE = 1e-4  # max |ONNX - PyTorch| / max |PyTorch| of the logits in the check before publishing
+COPIED_FILES = ("config.json", "generation_config.json")
+
+States = List[np.ndarray]  # [state.0, scale.0, state.1, scale.1, ...], the graphs' input order
+
+
+def state_names(num_layers: int, prefix: str = "") -> List[str]:
+    """`[f"{prefix}state.0", f"{prefix}scale.0", ...]`: the graphs' state inputs (prefix "") or outputs ("next_")."""
+    return [f"{prefix}{kind}.{i}" for i in range(num_layers) for kind in ("state", "scale")]
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _wrappers(model):
+    """The two nn.Modules that torch.onnx.export traces: the model's forward on plain tensors in and out."""
+    import torch
+    from torch import nn
+
+    from .model import RetNetCache
+
+    layers = model.config.decoder_layers
+
+    def run(module, input_ids, attention_mask, num_tokens, states, form):
+        cache = RetNetCache(layers)
+        # clones: the recurrent form updates a state in place when autograd is off, and graph inputs stay inputs
+        cache.states = [(states[2 * i].clone(), states[2 * i + 1].clone()) for i in range(layers)]
+        count = num_tokens.item()  # a symbolic int in the trace: the positions are the count's, as in the cache
+        torch._check(count >= 0)
+        cache.num_tokens = count
+        out = module.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            retention_form=form,
+            return_dict=True,
+        )
+        return (out.logits[:, -1], *[tensor for state in cache.states for tensor in state])
+
+    class Prefill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, num_tokens, *states):
+            return run(self, input_ids, attention_mask, num_tokens, states, "parallel")
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, num_tokens, *states):
+            return run(self, input_ids, None, num_tokens, states, "recurrent")
+
+    return Prefill().eval(), Step().eval()
+
+
+def _example_states(config, batch: int):
+    import torch
+
+    heads = config.decoder_retention_heads
+    key, value = config.decoder_embed_dim // heads, config.decoder_value_embed_dim // heads
+    generator = torch.Generator().manual_seed(0)
+    states = []
+    for _ in range(config.decoder_layers):
+        states.append(torch.randn(batch, heads, key, value, generator=generator) * 0.1)
+        states.append(torch.rand(batch, heads, generator=generator) * 4 + 1)
+    return states
+
+
+def _export_graph(module, args: tuple, input_names: List[str], output_names: List[str], path: Path) -> None:
+    """Trace `module` (`forward(*named, *states)`) on `args` and save it to `path`: every input's first axis is the
+    dynamic `batch`, and `input_ids` and `attention_mask` have a dynamic `length` unless it is 1 (the step)."""
+    import torch
+
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    named = len(input_names) - 2 * module.model.config.decoder_layers
+    shapes = []
+    for name, tensor in zip(input_names[:named], args):
+        if name in ("input_ids", "attention_mask"):
+            shapes.append({0: batch, 1: length} if tensor.shape[1] > 1 else {0: batch})
+        else:
+            shapes.append(None)  # num_tokens, a scalar
+    shapes.append(tuple({0: batch} for _ in args[named:]))  # the states, one tuple as the signature's *states
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=tuple(shapes),
+            custom_translation_table={torch.ops.aten.scalar_tensor.default: _exact_scalar_tensor},
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def _exact_scalar_tensor(s: float, dtype: int = -1, layout: str = "", device: str = "", pin_memory: bool = False):
+    """`aten.scalar_tensor` as an ONNX constant of its own dtype, the Python number written at that precision.
+
+    torch.onnx's own translation (torch 2.13, onnxscript 0.7.2) makes a float32 constant of the number and casts it:
+    the 2 pi by which the model reduces the float64 rotation phases became 6.28318548 (float32's 2 pi), and at
+    position 1.2e8 the phases were off by radians (logits 3% apart from PyTorch's)."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    dtype = ir.DataType.FLOAT if dtype in (None, -1) else ir.DataType(dtype)
+    return op.Constant(value=ir.tensor(s, dtype=dtype))
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence what torch.onnx's exporter says about itself on every export (its torchvision operators skipped,
+    axis names merged, a deprecation inside torch.export); anything else it warns of still shows."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _new_staging_folder(out: Path) -> Path:
+    """An empty folder next to `out`, named `.OUT.exporting-PID-RANDOM` (mode as mkdir gives, not mkdtemp's 0o700,
+    since it becomes OUT)."""
+    while True:
+        staging = out.parent / f".{out.name}.exporting-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        return staging
+
+
+def export_onnx(folder: Union[str, Path], out: Union[str, Path], *, check: bool = True) -> Path:
+    """Export the RetNet causal LM in `folder` to a new folder `out` (see the module docstring); returns `out`.
+
+    Raises UsageError when `out` exists, `folder` is not a RetNet model folder, the model cannot be exported
+    (quantized weights), or the graphs disagree with PyTorch on ONNX Runtime (`check`); `out` is then not created.
+    """
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"{out} already exists; choose a new output folder (an export never overwrites one)")
+    config = _read_retnet_config(folder)
+    require("onnx", "onnx")
+    require("onnxscript", "onnx")  # torch.onnx's dynamo exporter translates with it
+    if check:
+        require("onnxruntime", "onnx")
+
+    import torch
+
+    from . import __version__
+    from .loading import load_causal_lm, load_tokenizer
+    from .model import RetNetForCausalLM
+
+    model = load_causal_lm(str(folder))
+    if not isinstance(model, RetNetForCausalLM):
+        raise UsageError(f"{folder}: loads as {type(model).__name__}, not RetNetForCausalLM; nothing to export")
+    model = model.float().eval()
+    try:
+        tokenizer = load_tokenizer(str(folder))
+    except UsageError:
+        tokenizer = None  # the runner then takes token ids only
+
+    layers = config.decoder_layers
+    prefill, step = _wrappers(model)
+    batch, length = 2, 3  # examples: neither dimension may be 0 or 1 in a trace, or it would be fixed
+    ids = torch.arange(batch * length, dtype=torch.long).reshape(batch, length) % config.vocab_size
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    count = torch.tensor(4, dtype=torch.long)
+    states = _example_states(config, batch)
+    names_in, names_out = state_names(layers), ["logits", *state_names(layers, "next_")]
+
+    created = [path for path in (out.parent, *out.parent.parents) if not path.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_staging_folder(out)
+    try:
+        _export_graph(
+            prefill,
+            (ids, mask, count, *states),
+            ["input_ids", "attention_mask", "num_tokens", *names_in],
+            names_out,
+            staging / GRAPHS["prefill"],
+        )
+        _export_graph(
+            step,
+            (ids[:, :1], count, *states),
+            ["input_ids", "num_tokens", *names_in],
+            names_out,
+            staging / GRAPHS["step"],
+        )
+        for name in COPIED_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, staging / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        generation = getattr(model, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        pad = getattr(generation, "pad_token_id", None)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "graphs": GRAPHS,
+            "num_layers": layers,
+            "num_heads": config.decoder_retention_heads,
+            "key_head_dim": config.decoder_embed_dim // config.decoder_retention_heads,
+            "value_head_dim": config.decoder_value_embed_dim // config.decoder_retention_heads,
+            "vocab_size": config.vocab_size,
+            "chunk_size": config.recurrent_chunk_size,
+            "state_dtype": "float32",
+            "eos_token_id": config.eos_token_id if eos is None else eos,
+            "pad_token_id": config.pad_token_id if pad is None else pad,
+            "tokenizer": tokenizer is not None,
+            "exported_with": {"retnet_hf": __version__, "torch": torch.__version__},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check:
+            _check_against_pytorch(model, staging)
+        os.rename(staging, out)  # fails rather than replace an OUT created meanwhile (a non-empty one at least)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+    return out
+
+
+def _read_retnet_config(folder: Path):
+    """The RetNetConfig of `folder`, or a UsageError that says why it cannot be exported."""
+    from .model import RetNetConfig
+
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such model folder")
+    if not path.is_file():
+        raise UsageError(f"{folder}: not a model folder (no config.json)")
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{folder}: cannot read config.json: {error}") from error
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if model_type != RetNetConfig.model_type:
+        raise UsageError(
+            f"{folder} is not a RetNet folder (model_type {model_type!r}, expected {RetNetConfig.model_type!r}); "
+            "export-onnx exports RetNet causal LMs, whose state it passes between the graphs"
+        )
+    if fields.get("quantization_config"):
+        method = fields["quantization_config"].get("quant_method", "?")
+        raise UsageError(
+            f"{folder} holds quantized weights ({method}), which the ONNX graphs cannot represent; export the "
+            "unquantized model (for a QLoRA fine-tune: the merged model)"
+        )
+    try:
+        return RetNetConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise UsageError(f"{folder}: invalid config.json: {error}") from error
+
+
+def _check_against_pytorch(model, folder: Path) -> None:
+    """Run both graphs of `folder` on ONNX Runtime on a left-padded batch and a step after it; a UsageError when
+    the logits differ from PyTorch's by more than CHECK_TOLERANCE of their scale."""
+    import torch
+
+    from .model import CACHE_NAME
+
+    runner = OnnxRetNet(folder)
+    length = min(2 * runner.chunk_size + 1, 24)
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, : length // 3] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        expected = [out.logits[:, -1]]
+        token = out.logits[:, -1:].argmax(-1)
+        expected.append(model(token, cache=getattr(out, CACHE_NAME)).logits[:, -1])
+    logits, states, count = runner.prefill(ids.numpy(), mask.numpy())
+    got = [logits, runner.step(token.numpy(), states, count)[0]]
+    for name, a, b in zip(("prefill", "step"), got, expected):
+        difference = float(np.abs(a - b.numpy()).max() / max(float(b.abs().max()), 1e-30))
+        if not difference <= CHECK_TOLERANCE:
+            raise UsageError(
+                f"the exported {name} graph disagrees with PyTorch on ONNX Runtime (relative logit difference "
+                f"{difference:.2e} > {CHECK_TOLERANCE:g}); nothing was written"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+
+
+class OnnxRetNet:
+    """An exported folder on ONNX Runtime: `prefill`, `step`, `generate` (token ids) and `generate_text`.
+
+    `threads`: ONNX Runtime's intra-op threads (default: its own choice, the physical cores); `providers`: its
+    execution providers (default CPU).
+    """
+
+    def __init__(self, folder: Union[str, Path], *, threads: Optional[int] = None, providers=None):
+        ort = require("onnxruntime", "onnx")
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise UsageError(f"{folder}: not an exported RetNet folder (no {MANIFEST}); make one with export-onnx")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise UsageError(
+                f"{folder}: {MANIFEST} is format {self.manifest.get('format')!r} version "
+                f"{self.manifest.get('format_version')!r}; this retnet-hf reads {FORMAT!r} version {FORMAT_VERSION}"
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {
+            name: ort.InferenceSession(str(self.folder / file), options, providers=providers)
+            for name, file in self.manifest["graphs"].items()
+        }
+        self.num_layers = self.manifest["num_layers"]
+        self.chunk_size = self.manifest["chunk_size"]
+        self.eos_token_id = self.manifest.get("eos_token_id")
+        self.pad_token_id = self.manifest.get("pad_token_id")
+        self._state_inputs = state_names(self.num_layers)
+        self._outputs = ["logits", *state_names(self.num_layers, "next_")]
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The folder's tokenizer (transformers' AutoTokenizer), loaded on first use."""
+        if self._tokenizer is None:
+            if not self.manifest.get("tokenizer"):
+                raise UsageError(f"{self.folder} has no tokenizer (its source had none); pass token ids")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        return self._tokenizer
+
+    def empty_states(self, batch: int) -> States:
+        """The state before any token: zeros, for `batch` rows."""
+        m = self.manifest
+        heads = m["num_heads"]
+        states = []
+        for _ in range(self.num_layers):
+            states.append(np.zeros((batch, heads, m["key_head_dim"], m["value_head_dim"]), dtype=np.float32))
+            states.append(np.zeros((batch, heads), dtype=np.float32))
+        return states
+
+    def _run(self, graph: str, feed: dict, states: States) -> Tuple[np.ndarray, States]:
+        feed.update(zip(self._state_inputs, states))
+        logits, *states = self.sessions[graph].run(self._outputs, feed)
+        return logits, states
+
+    def prefill(
+        self, input_ids, attention_mask=None, states: Optional[States] = None, num_tokens: int = 0
+    ) -> Tuple[np.ndarray, States, int]:
+        """Feed `input_ids` `[B, T]` (after `states` at `num_tokens`, or from the start) in chunks of
+        `chunk_size`; returns the last token's logits `[B, V]`, the new states and the new count."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0 or mask.shape != ids.shape:
+            raise ValueError(f"input_ids must be [batch, length > 0] with a mask of that shape, got {ids.shape}")
+        states = self.empty_states(ids.shape[0]) if states is None else states
+        logits = None
+        for start in range(0, ids.shape[1], self.chunk_size):
+            end = start + self.chunk_size
+            feed = {
+                "input_ids": ids[:, start:end],
+                "attention_mask": mask[:, start:end],
+                "num_tokens": np.array(num_tokens + start, dtype=np.int64),
+            }
+            logits, states = self._run("prefill", feed, states)
+        return logits, states, num_tokens + ids.shape[1]
+
+    def step(self, tokens, states: States, num_tokens: int) -> Tuple[np.ndarray, States]:
+        """One token per row (`[B]` or `[B, 1]`) after `states` at `num_tokens`: its logits `[B, V]` and the new
+        states (the count is then `num_tokens + 1`)."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1)
+        return self._run("step", {"input_ids": ids, "num_tokens": np.array(num_tokens, dtype=np.int64)}, states)
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = 50,
+        top_p: Optional[float] = 1.0,
+        seed: Optional[int] = None,
+        eos_token_id: Union[None, int, Sequence[int]] = None,
+        pad_token_id: Optional[int] = None,
+    ) -> np.ndarray:
+        """Continue each row of `input_ids` (`[B, T]` array or lists of ids of any lengths, which are left-padded
+        here); returns `[B, T + n]` ids as `generate()` does: n <= `max_new_tokens` (fewer when every row has
+        ended with an end token), the rows that ended filled with the pad id. Greedy unless `do_sample`, then
+        `temperature`, `top_k` and `top_p` in that order (transformers' logits warpers), drawn with a torch generator
+        seeded with `seed`. The end and
+        pad ids default to the folder's (its generation config's, else its config's)."""
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if do_sample:
+            _check_sampling(temperature, top_k, top_p)
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        ids, mask = left_padded(input_ids, attention_mask, pad)
+        if max_new_tokens == 0:
+            return ids
+        sample = _sampler(temperature, top_k, top_p, seed) if do_sample else None
+        logits, states, count = self.prefill(ids, mask)
+        finished = np.zeros(ids.shape[0], dtype=bool)
+        new = []
+        for index in range(max_new_tokens):
+            token = sample(logits) if do_sample else logits.argmax(-1)
+            token = np.where(finished, pad, token)
+            new.append(token)
+            finished |= np.isin(token, eos)
+            if finished.all() or index == max_new_tokens - 1:
+                break
+            logits, states = self.step(token, states, count)
+            count += 1
+        return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
+
+    def generate_text(self, prompts: Union[str, Sequence[str]], **kwargs) -> Union[str, List[str]]:
+        """`generate` on text: each prompt's continuation (special tokens left out), a str for a str."""
+        single = isinstance(prompts, str)
+        tokenizer = self.tokenizer
+        rows = [tokenizer(prompt).input_ids for prompt in ([prompts] if single else prompts)]
+        if any(len(row) == 0 for row in rows):
+            if tokenizer.bos_token_id is None:
+                raise ValueError("an empty prompt needs a beginning-of-text token, which this tokenizer lacks")
+            rows = [row or [tokenizer.bos_token_id] for row in rows]
+        width = max(len(row) for row in rows)
+        output = self.generate(rows, **kwargs)
+        texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in output.tolist()]
+        return texts[0] if single else texts
+
+
+def left_padded(input_ids, attention_mask=None, pad_token_id: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """`(ids [B, T], mask [B, T])` int64 from an array (with its mask, which must be left padding: zeros, then
+    ones, at least one per row) or from lists of ids of any lengths (left-padded here with `pad_token_id`)."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (int, np.integer)):
+        rows = [list(row) for row in input_ids]
+        if attention_mask is not None:
+            raise ValueError("pass attention_mask with an array of ids, not with lists (they are padded here)")
+        if any(len(row) == 0 for row in rows):
+            raise ValueError("every row of input_ids needs at least one token")
+        width = max(len(row) for row in rows)
+        ids = np.array([[pad_token_id] * (width - len(row)) + row for row in rows], dtype=np.int64)
+        mask = np.array([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=np.int64)
+        return ids, mask
+    ids = np.asarray(getattr(input_ids, "numpy", lambda: input_ids)(), dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [batch, length > 0], got {ids.shape}")
+    if attention_mask is None:
+        return ids, np.ones_like(ids)
+    mask = np.asarray(getattr(attention_mask, "numpy", lambda: attention_mask)(), dtype=np.int64).reshape(ids.shape)
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold 1 for tokens and 0 for padding")
+    if not (mask[:, -1] == 1).all() or (np.diff(mask, axis=1) < 0).any():
+        raise ValueError(
+            "attention_mask must be left padding (zeros, then ones, the last column all ones): a row's "
+            "continuation starts after its last token (tokenize with padding_side='left')"
+        )
+    return ids, mask
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 (greedy: do_sample=False), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 or None: off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: off), got {top_p!r}")
+
+
+def _sampler(temperature: float, top_k: Optional[int], top_p: Optional[float], seed: Optional[int]):
+    """A function from logits `[B, V]` to one sampled token per row, with transformers' own temperature, top-k and
+    top-p warpers (in `generate()`'s order) and a torch generator seeded with `seed`."""
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        scores = warpers(None, torch.from_numpy(logits.astype(np.float32)))
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0].numpy()
+
+    return sample
+
+
+def generate(
+    folder: Union[str, Path, OnnxRetNet], inputs, max_new_tokens: int = 20, **kwargs
+) -> Union[str, List[str], np.ndarray]:
+    """Text in, text out; ids in, ids out: `OnnxRetNet(folder).generate_text(inputs, ...)` for a str or a list of
+    str, else `.generate(inputs, ...)` (arrays or lists of ids; `attention_mask=` with an array). `folder` may be
+    an `OnnxRetNet` already loaded. Keyword arguments as `OnnxRetNet.generate`."""
+    runner = folder if isinstance(folder, OnnxRetNet) else OnnxRetNet(folder)
+    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+        return runner.generate_text(inputs, max_new_tokens=max_new_tokens, **kwargs)
+    return runner.generate(inputs, max_new_tokens=max_new_tokens, **kwargs)
+
+
+__all__ = ["MANIFEST", "OnnxRetNet", "export_onnx", "generate", "left_padded", "state_names"]

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from retnet_hf.data import load_texts, token_blocks, train_tokenizer
+from retnet_hf.data import load_texts, save_tokenizer, token_blocks, train_tokenizer
 from retnet_hf.errors import UsageError
 from retnet_hf.options import add_settings_options, settings_from_args
 
@@ -58,6 +58,12 @@ class ComparisonSettings:
         metadata=dict(flag="--lrs", parse=lambda text: tuple(map(float, text.split(","))), help="e.g. 1e-3,3e-3,1e-2"),
     )
     seed: int = 0
+    save_models: bool = field(
+        default=False,
+        metadata=dict(
+            help="keep each trained model with the tokenizer in OUTPUT/models/<model>-lr<lr> (for retnet-hf eval)"
+        ),
+    )
 
 
 # --quick: tiny models and text, seconds (for the tests)
@@ -260,6 +266,10 @@ def compare(s: ComparisonSettings, log=print) -> Comparison:
             model = retnet_model(s, vocab, tokenizer) if name == "RetNet" else llama_model(s, retnet.config)
             run = train_one(name, model, s, lr, train_set, eval_set, out / "trainer")
             comparison.runs.append(run)
+            if s.save_models:
+                folder = out / "models" / f"{name.lower()}-lr{lr:g}"
+                model.save_pretrained(folder)
+                save_tokenizer(tokenizer, folder)
             log(
                 f"{name:6s} lr {lr:g}: val loss {run.eval_losses[0]:.3f} -> {run.final_loss:.3f} in {run.seconds:.0f} s"
             )

@@ -207,6 +207,19 @@ def cmd_sft(args) -> None:
     )
 
 
+def cmd_eval(args) -> None:
+    """lm-eval on a model folder (its HFLM and simple_evaluate): the results JSON, and lm-eval's table."""
+    from .evaluation import EvalSettings, evaluate_folder, results_table
+
+    results = evaluate_folder(settings_from_args(EvalSettings, args))
+    used = results["retnet_hf"]
+    print(results_table(results))
+    print(
+        f"evaluated {used['folder']} ({used['dtype']}, batch {used['batch_size']}, context {used['max_length']:,} "
+        f"tokens{'' if used['limit'] is None else ', limit ' + str(used['limit'])}); results: {used['output']}"
+    )
+
+
 def cmd_push(args) -> None:
     """Check a model folder, then upload its model-repository files to a Hub model repo (or, with --dry-run, list
     them); what is left out, and why, goes to stderr in both cases."""
@@ -239,6 +252,21 @@ def cmd_push(args) -> None:
     )
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
     print(f"pushed {len(plan.operations)} files of {args.folder} to {args.repo_id}{left_out}: {url}")
+
+
+def cmd_export_onnx(args) -> None:
+    """Export a model folder to ONNX (prefill and step graphs, tokenizer, config) and check it on ONNX Runtime."""
+    from .onnx_runtime import GRAPHS, export_onnx
+
+    out = export_onnx(args.folder, args.out)
+    sizes = ", ".join(  # a graph over 2 GB keeps its weights in files beside it (FILE.data)
+        f"{file} ({sum(path.stat().st_size for path in out.glob(file + '*')) / 2**20:.1f} MiB)"
+        for file in GRAPHS.values()
+    )
+    print(
+        f"exported {args.folder} -> {out}: {sizes}, checked against PyTorch on ONNX Runtime; decode with "
+        f"python -c \"from retnet_hf.onnx_runtime import generate; print(generate('{out}', 'Hello', 20))\""
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_options(sft, SFTSettings)
     sft.set_defaults(func=cmd_sft)
 
+    from .evaluation import EvalSettings
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model folder with lm-eval (local tasks from ../shared/data, or lm-eval's own)"
+    )
+    add_settings_options(evaluate, EvalSettings)
+    evaluate.set_defaults(func=cmd_eval)
+
     convert = commands.add_parser("convert", help="convert a torchscale, syncdoth or fla RetNet checkpoint")
     convert.add_argument(
         "--from",
@@ -330,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         "secret-looking file goes only when PATTERN is its exact path",
     )
     push.set_defaults(func=cmd_push)
+
+    export_onnx = commands.add_parser(
+        "export-onnx", help="export a model folder to ONNX: prefill and decode-step graphs for ONNX Runtime"
+    )
+    export_onnx.add_argument("folder", help="a RetNet model folder")
+    export_onnx.add_argument("out", help="the folder to write (must not exist)")
+    export_onnx.set_defaults(func=cmd_export_onnx)
     return parser
 
 

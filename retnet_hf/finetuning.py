@@ -27,9 +27,10 @@ from .data import DEFAULT_DATASET, fit_to_max_length, load_guanaco, save_tokeniz
 from .errors import UsageError, require
 from .loading import load_causal_lm, load_tokenizer, refuse_foreign_code, resolve_source
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
-from .options import non_negative_int, positive_float, positive_int
+from .options import positive_float, positive_int
 from .reports import plot_loss_curve
 from .training import (
+    RunSettings,
     base_training_arguments,
     claimed_output,
     disk_full_explained,
@@ -138,7 +139,7 @@ METHODS = {
 
 
 @dataclass
-class SFTSettings:
+class SFTSettings(RunSettings):
     """One fine-tuning run; `retnet-hf sft`'s options are made from these fields."""
 
     model: str = field(default="", metadata=dict(positional=True, help="a model folder (with its tokenizer)"))
@@ -178,15 +179,6 @@ class SFTSettings:
     logging_steps: int = field(default=10, metadata=dict(parse=positive_int))
     limit: Optional[int] = field(default=None, metadata=dict(parse=positive_int, help="use only the first N rows"))
     merge: bool = field(default=False, metadata=dict(help="save the model with the adapter merged in"))
-    seed: int = field(default=0, metadata=dict(parse=non_negative_int))
-    resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
-    overwrite: bool = field(
-        default=False,
-        metadata=dict(help="write into a non-empty --output that is not an earlier `sft` run's (replaces files)"),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=dict(help="let a MODEL folder that is not a RetNet run its own Python code")
-    )
     disable_tqdm: bool = field(default=False, metadata=dict(cli=False))
     write_card: bool = field(default=True, metadata=dict(cli=False))
 

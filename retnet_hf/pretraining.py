@@ -24,6 +24,7 @@ from .options import float_in, int_at_least, non_negative_int, positive_float, p
 from .presets import PRESETS, preset_config
 from .reports import plot_loss_curve
 from .training import (
+    RunSettings,
     base_training_arguments,
     claimed_output,
     disk_full_explained,
@@ -56,7 +57,7 @@ def time_budget(seconds: float):
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(RunSettings):
     """One pretraining run; `retnet-hf train`'s options are made from these fields."""
 
     texts: Tuple[str, ...] = field(
@@ -102,15 +103,6 @@ class PretrainSettings:
     )
     eval_steps: int = field(default=100, metadata=dict(parse=positive_int))
     save_steps: int = field(default=200, metadata=dict(parse=positive_int))
-    seed: int = field(default=0, metadata=dict(parse=non_negative_int))
-    resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
-    overwrite: bool = field(
-        default=False,
-        metadata=dict(help="write into a non-empty --output that is not an earlier `train` run's (replaces files)"),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=dict(help="let a --model folder that is not a RetNet run its own Python code")
-    )
     fsdp: bool = field(
         default=False,
         metadata=dict(

@@ -18,15 +18,34 @@ import time
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
 
 from .errors import UsageError
+from .options import non_negative_int
 
 
 RUN_MARKER = "retnet-hf-run.json"  # in OUTPUT/checkpoints: which command's output this folder is, and who holds it
+
+
+@dataclass
+class RunSettings:
+    """The settings every training command shares (`PretrainSettings` and `SFTSettings` extend it)."""
+
+    seed: int = field(default=0, metadata=dict(parse=non_negative_int))
+    resume: bool = field(default=True, metadata=dict(help="continue from the newest checkpoint (--no-resume: afresh)"))
+    overwrite: bool = field(
+        default=False,
+        metadata=dict(
+            help="write into a non-empty --output that is not this command's earlier output (replaces files)"
+        ),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=dict(help="let a model folder that is not a RetNet run its own Python code")
+    )
 
 
 def base_training_arguments(settings) -> dict:

@@ -241,8 +241,13 @@ class RetNetRelPos(nn.Module):
         The phases position * angle are computed in float64 and reduced modulo 2 pi before they are cast: a float32
         product keeps 24 bits, several radians off at 100M tokens; reduced, a phase is exact to float32 rounding at
         any position."""
-        position = torch.arange(start, start + length, device=self.angle.device, dtype=torch.float64)
-        phase = torch.remainder(position[:, None] * self.angle[None, :], 2 * math.pi)  # float64 (promoted)
+        return self.at_positions(torch.arange(start, start + length, device=self.angle.device), dtype)
+
+    def at_positions(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """As `forward`, for the positions `[T]` given (vLLM's flattened tokens of many sequences)."""
+        phase = torch.remainder(positions.double()[:, None] * self.angle[None, :], 2 * math.pi)  # float64
         phase = phase.to(torch.promote_types(dtype, torch.float32))
         return (phase.cos(), phase.sin()), self.decay
 

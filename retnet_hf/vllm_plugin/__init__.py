@@ -10,7 +10,7 @@ train`, `sft --merge` or `convert` writes::
 Nothing is patched at import time: `register()` registers the architecture (as a string that vLLM imports lazily,
 `retnet_hf.vllm_plugin.model:RetNetForCausalLM`) and, for the one setting vLLM has no public API for, adds the
 architecture to vLLM's internal map of per-model config hooks (`_register_state_space_config`, the only place
-this package touches a vLLM internal; `tests/serving/test_vllm.py` pins it).
+this package touches a vLLM internal; `tests/vllm_plugin/test_vllm.py` pins it).
 """
 
 import importlib.metadata

@@ -199,12 +199,12 @@ def sft(settings: SFTSettings) -> SFTResult:
 
 
 def _sft(s: SFTSettings) -> SFTResult:
-    tokenizer, dataset = _tokenizer_and_data(s)
+    tokenizer, dataset = tokenizer_and_data(s)
     torch.manual_seed(s.seed)
-    model = _trainable_model(s, tokenizer)
+    model = trainable_model(s, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     guard = divergence_guard()
-    trainer = _trainer(s, model, tokenizer, dataset, callbacks=[guard])
+    trainer = sft_trainer(s, model, tokenizer, dataset, callbacks=[guard])
     checkpoints = Path(s.output_dir) / "checkpoints"
     last = last_checkpoint(checkpoints, s.resume)
     start = time.monotonic()
@@ -248,7 +248,7 @@ def _check(s: SFTSettings) -> None:
         raise UsageError(f"--max-length must be at least 2, got {s.max_length}")
 
 
-def _tokenizer_and_data(s: SFTSettings):
+def tokenizer_and_data(s: SFTSettings):
     """The tokenizer (with the guanaco chat template) and the data, less the rows that cannot train; prints how
     many rows `max_length` truncates and drops (data.fit_to_max_length counts as SFTTrainer will cut)."""
     tokenizer = set_chat_template(load_tokenizer(s.model, trust_remote_code=s.trust_remote_code))
@@ -258,7 +258,7 @@ def _tokenizer_and_data(s: SFTSettings):
     return tokenizer, data
 
 
-def _trainable_model(s: SFTSettings, tokenizer):
+def trainable_model(s: SFTSettings, tokenizer):
     """The base model (4-bit for QLoRA) with LoRA adapters, or the whole model for full fine-tuning."""
     get_peft_model = require("peft").get_peft_model
     try:
@@ -278,7 +278,8 @@ def _trainable_model(s: SFTSettings, tokenizer):
     return model
 
 
-def _trainer(s: SFTSettings, model, tokenizer, dataset, callbacks=()):
+def sft_trainer(s: SFTSettings, model, tokenizer, dataset, callbacks=()):
+    """TRL's `SFTTrainer` of `model` on `dataset` with the settings' arguments (`benchmarks.finetune` times it)."""
     trl = require("trl")
     SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
     config = SFTConfig(

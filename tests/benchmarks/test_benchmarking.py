@@ -246,3 +246,45 @@ def test_prefill_summary_speaks_of_the_parallel_form_only_where_it_was_asked_for
     lines = prefill.prefill_summary(with_parallel, chunk_size=512)
     assert "forward+backward: parallel form skipped (memory) above 512 tokens" in lines
     assert "forward+backward: no length above one chunk (512) where both forms ran" in lines
+
+
+def test_bench_finetune_quick(tmp_path, capsys):
+    """Each (model, method) fine-tunes in its own process through TRL's SFTTrainer on the guanaco rows and gives
+    real numbers (none is compared with a timing)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    from benchmarks import finetune as script
+
+    if not Path(script.DEFAULT_DATA).is_file():
+        pytest.skip(f"{script.DEFAULT_DATA} is not there")
+    assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
+    output = capsys.readouterr().out
+    assert "CPU:" in output and "measured read bandwidth" in output and "TRL SFTTrainer" in output
+    rows = table_rows(output, script.COLUMNS)
+    assert {(row[0], row[1], row[2]) for row in rows} == {
+        (model, method, "64") for model in script.MODELS for method in script.METHODS
+    }
+    saved = {(row["model"], row["method"]): row for row in json.loads((tmp_path / "finetune.json").read_text())}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:  # then the QLoRA rows say why they have no numbers
+        assert all("skipped" in saved[(model, "qlora")] for model in script.MODELS)
+        del saved[("RetNet", "qlora")], saved[("Llama", "qlora")]
+    for row in saved.values():
+        assert "skipped" not in row, row
+        assert row["timed steps"] == 2 and len(row["step seconds"]) == 2
+        assert row["steps/s"] > 0 and row["tokens/s"] > 0 and row["peak memory MB"] > 0
+        assert 32 < row["tokens/step"] <= 64  # packed rows of at most --max-length tokens
+        assert math.isfinite(row["loss"]) and row["loss"] > 0
+    for model, projections in (("RetNet", 8), ("Llama", 7)):  # LoRA and QLoRA train the same adapters
+        assert saved[(model, "lora")]["4-bit linears"] == 0
+        if (model, "qlora") in saved:  # every projection of the 2 layers in nf4 (lm_head stays float)
+            assert saved[(model, "qlora")]["4-bit linears"] == 2 * projections
+            assert saved[(model, "lora")]["trainable params"] == saved[(model, "qlora")]["trainable params"]
+    # r 16 on every projection: RetNet's eight per layer (tiny: d 128, dv 256, f 256, 2 layers), Llama's seven
+    d, dv, f = 128, 256, 256
+    retnet_lora = 2 * 16 * (2 * (d + d) + (d + dv) * 2 + (dv + d) + 2 * (d + f) + (f + d))
+    assert saved[("RetNet", "lora")]["trainable params"] == retnet_lora
+    assert saved[("Llama", "lora")]["trainable params"] > 0
+    assert next(row for row in rows if row[:2] == ["RetNet", "lora"])[7].endswith("x")  # the ratio
+    check_png(tmp_path / "finetune.png")

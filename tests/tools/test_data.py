@@ -254,7 +254,7 @@ def test_sft_prints_what_max_length_cuts_and_sfttrainer_cuts_that(
     tmp_path, folder, mixed_jsonl, capsys, packing, completion_only
 ):
     trl = pytest.importorskip("trl", reason="trl is in the train extras: pip install -e '.[train]'")
-    from retnet_hf.finetuning import SFTSettings, _tokenizer_and_data
+    from retnet_hf.finetuning import SFTSettings, tokenizer_and_data
 
     settings = SFTSettings(
         model=str(folder),
@@ -264,7 +264,7 @@ def test_sft_prints_what_max_length_cuts_and_sfttrainer_cuts_that(
         packing=packing,
         completion_only=completion_only,
     )
-    tokenizer, dataset = _tokenizer_and_data(settings)
+    tokenizer, dataset = tokenizer_and_data(settings)
     report = report_of(capsys.readouterr().out)
     assert report["rows"] == 12 and report["max_length"] == 64
     assert report["longer"] >= 4 and 0 < report["cut"] < report["tokens"]
@@ -298,10 +298,10 @@ def test_sft_prints_what_max_length_cuts_and_sfttrainer_cuts_that(
 
 
 def test_a_length_that_fits_is_said_too(tmp_path, folder, llama_rows, capsys):
-    from retnet_hf.finetuning import SFTSettings, _tokenizer_and_data
+    from retnet_hf.finetuning import SFTSettings, tokenizer_and_data
 
     path = write_jsonl(tmp_path / "short.jsonl", sorted(llama_rows[:50], key=len)[:3])
-    _tokenizer_and_data(SFTSettings(model=str(folder), output_dir=str(tmp_path / "o"), data=str(path), max_length=4096))
+    tokenizer_and_data(SFTSettings(model=str(folder), output_dir=str(tmp_path / "o"), data=str(path), max_length=4096))
     report = report_of(capsys.readouterr().out)
     assert report["rows"] == 3 and report["longer"] == 0 and report["tokens"] > 0
 

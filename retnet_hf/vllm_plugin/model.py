@@ -13,7 +13,8 @@ a part of one, when chunked prefill split it); `LinearAttentionMetadata` says wh
 """
 
 import math
-from typing import Iterable, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +95,15 @@ class RetNetRetention(nn.Module, MambaBase):
         return STATE_DTYPE, STATE_DTYPE
 
     def forward(
-        self, hidden_states: torch.Tensor, rotation: Tuple[torch.Tensor, torch.Tensor], log_decay: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        rotation: Tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        plan: Optional["StepPlan"],
     ) -> torch.Tensor:
         """`hidden_states` `[N, d]`; `rotation` `(cos, sin)` `[N, D]` at each token's position; `log_decay`
-        `[H / tp]` (this rank's heads). Returns `[N, d]`; the states of the step's sequences are updated."""
-        metadata = get_forward_context().attn_metadata
-        metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
+        `[H / tp]` (this rank's heads); `plan` the step's sequences (None in vLLM's dummy runs, which have no
+        states). Returns `[N, d]`; the states of the step's sequences are updated."""
         qkvg, _ = self.qkvg_proj(hidden_states)
         heads, key_dim, value_dim = self.num_heads, self.key_head_dim, self.value_head_dim
         q, k, v, g = qkvg.split([heads * key_dim, heads * key_dim, heads * value_dim, heads * value_dim], dim=-1)
@@ -108,27 +112,24 @@ class RetNetRetention(nn.Module, MambaBase):
         k = rotate((k * self.scaling).view(-1, heads, key_dim).to(cos.dtype), cos, sin, self.rotary_style)
         v = v.view(-1, heads, value_dim)
         out = torch.zeros(hidden_states.shape[0], heads, value_dim, dtype=q.dtype, device=q.device)
-        if metadata is not None:  # None in vLLM's dummy runs (profiling, warm-up), which have no states
-            self._retain(q, k, v, log_decay, metadata, out)
+        if plan is not None:
+            self._retain(q, k, v, log_decay, plan, out)
         out = self.group_norm(out).to(g.dtype).flatten(1)
         out, _ = self.out_proj(F.silu(g) * out)
         return out
 
-    def _retain(self, q, k, v, log_decay, metadata: LinearAttentionMetadata, out: torch.Tensor) -> None:
+    def _retain(self, q, k, v, log_decay, plan: "StepPlan", out: torch.Tensor) -> None:
         """Retention of every sequence of the step into `out` `[N, H, Dv]`, from and back into its state slot.
         `q`, `k` `[N, H, D]`, `v` `[N, H, Dv]`."""
         states, scales = self.kv_cache
-        slots = metadata.state_indices_tensor.long()
-        starts = metadata.query_start_loc.tolist()
-        past = (metadata.seq_lens - metadata.query_start_loc.diff()).tolist()  # tokens before this step's
-        decodes = metadata.num_decodes
+        decodes = plan.decodes
         if decodes:  # one token each, all at once in the recurrent form
-            rows = slots[:decodes]
-            fresh = torch.tensor([n == 0 for n in past[:decodes]], device=q.device)[:, None]  # a one-token prompt
-            state = (
-                states[rows].masked_fill(fresh[..., None, None], 0),
-                scales[rows].masked_fill(fresh, 0),
-            )
+            state = states[plan.decode_slots], scales[plan.decode_slots]
+            if plan.decode_fresh is not None:  # one-token prompts: no state yet (their slots hold an old one)
+                state = (
+                    state[0].masked_fill(plan.decode_fresh[..., None, None], 0),
+                    state[1].masked_fill(plan.decode_fresh, 0),
+                )
             o, state = recurrent_retention(
                 *(x[:decodes, :, None] for x in (q, k, v)),
                 log_decay=log_decay,
@@ -136,19 +137,51 @@ class RetNetRetention(nn.Module, MambaBase):
                 normalize=self.normalize,
             )
             out[:decodes] = o[:, :, 0].to(out.dtype)
-            states[rows], scales[rows] = state
-        for index in range(decodes, decodes + metadata.num_prefills):  # each prompt (part) from its state
-            begin, end, slot = starts[index], starts[index + 1], slots[index]
-            state = (states[slot, None], scales[slot, None]) if past[index] else None
+            states[plan.decode_slots], scales[plan.decode_slots] = state
+        for begin, end, slot, continues in plan.prefills:  # each prompt (or part of one) from its state
             o, (s, scale) = chunkwise_retention(
                 *(x[begin:end].transpose(0, 1)[None] for x in (q, k, v)),
                 log_decay=log_decay,
                 chunk_size=self.chunk_size,
-                initial_state=state,
+                initial_state=(states[slot, None], scales[slot, None]) if continues else None,
                 normalize=self.normalize,
             )
             out[begin:end] = o[0].transpose(0, 1).to(out.dtype)
             states[slot], scales[slot] = s[0], scale[0]
+
+
+@dataclass
+class StepPlan:
+    """The sequences of one step, read once from vLLM's metadata for every layer.
+
+    decodes: how many sequences decode one token (they come first); decode_slots `[decodes]` their state slots;
+    decode_fresh bool `[decodes, 1]`, True for a one-token prompt (no state yet), or None when there is none;
+    prefills: `(begin, end, slot, continues)` per prompt or part of one: its tokens `begin:end` of the step, its
+    slot, and whether it continues a state (a later part of a prompt that chunked prefill split).
+    """
+
+    decodes: int
+    decode_slots: torch.Tensor
+    decode_fresh: Optional[torch.Tensor]
+    prefills: List[Tuple[int, int, int, bool]]
+
+    @classmethod
+    def of(cls, metadata: LinearAttentionMetadata) -> "StepPlan":
+        slots = metadata.state_indices_tensor.long()
+        starts = metadata.query_start_loc.tolist()
+        past = (metadata.seq_lens - metadata.query_start_loc.diff()).tolist()  # each sequence's earlier tokens
+        decodes = metadata.num_decodes
+        fresh = [n == 0 for n in past[:decodes]]
+        prefills = [
+            (starts[i], starts[i + 1], int(slots[i]), past[i] > 0)
+            for i in range(decodes, decodes + metadata.num_prefills)
+        ]
+        return cls(
+            decodes=decodes,
+            decode_slots=slots[:decodes],
+            decode_fresh=torch.tensor(fresh, device=slots.device)[:, None] if any(fresh) else None,
+            prefills=prefills,
+        )
 
 
 class RetNetGLU(nn.Module):
@@ -184,13 +217,13 @@ class RetNetDecoderLayer(nn.Module):
         self.normalize_before = config.decoder_normalize_before
         self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
 
-    def forward(self, hidden_states, rotation, log_decay) -> torch.Tensor:
+    def forward(self, hidden_states, rotation, log_decay, plan) -> torch.Tensor:
         if self.normalize_before:
             hidden_states = hidden_states * self.alpha + self.retention(
-                self.retention_layer_norm(hidden_states), rotation, log_decay
+                self.retention_layer_norm(hidden_states), rotation, log_decay, plan
             )
             return hidden_states * self.alpha + self.ffn(self.final_layer_norm(hidden_states))
-        hidden_states = hidden_states * self.alpha + self.retention(hidden_states, rotation, log_decay)
+        hidden_states = hidden_states * self.alpha + self.retention(hidden_states, rotation, log_decay, plan)
         hidden_states = self.retention_layer_norm(hidden_states)
         return self.final_layer_norm(hidden_states * self.alpha + self.ffn(hidden_states))
 
@@ -225,8 +258,11 @@ class RetNetModel(nn.Module):
             hidden_states = self.layernorm_embedding(hidden_states)
         rotation, log_decay = self.retnet_rel_pos.at_positions(positions, hidden_states.dtype)
         log_decay = log_decay[self.first_head : self.first_head + self.heads_per_rank]
+        metadata = get_forward_context().attn_metadata  # {layer: metadata}, the same sequences for every layer
+        metadata = metadata.get(self.layers[0].retention.prefix) if isinstance(metadata, dict) else None
+        plan = None if metadata is None else StepPlan.of(metadata)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, rotation, log_decay)
+            hidden_states = layer(hidden_states, rotation, log_decay, plan)
         return hidden_states if self.layer_norm is None else self.layer_norm(hidden_states)
 
 

@@ -154,18 +154,18 @@ def test_an_unsupported_vllm_is_refused_by_name(monkeypatch):
 def served(trained_folder):
     """The trained folder in vLLM, and a record of the prefills that continued a state (chunked prefill)."""
     continued = []
-    retain = vllm_model.RetNetRetention._retain
+    plan_of = vllm_model.StepPlan.of
 
-    def recording(self, q, k, v, log_decay, metadata, out):
-        past = (metadata.seq_lens - metadata.query_start_loc.diff()).tolist()
-        continued.extend(n for n in past[metadata.num_decodes :] if n > 0)
-        return retain(self, q, k, v, log_decay, metadata, out)
+    def recording(metadata):
+        plan = plan_of(metadata)
+        continued.extend(prefill for prefill in plan.prefills if prefill[3])
+        return plan
 
-    vllm_model.RetNetRetention._retain = recording
+    vllm_model.StepPlan.of = recording
     try:
         yield LLM(str(trained_folder), **ENGINE), continued
     finally:
-        vllm_model.RetNetRetention._retain = retain
+        vllm_model.StepPlan.of = plan_of
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,10 @@ from retnet_hf.vllm_plugin import model as vllm_model  # noqa: E402
 
 
 NEW_TOKENS = 16
-# prompt lengths in tokens, from 1 to thousands: more requests than state slots (max_num_seqs), so slots are reused,
-# and prompts longer than a step's token budget (max_num_batched_tokens), so chunked prefill splits them
-PROMPT_LENGTHS = (1, 2, 7, 30, 64, 65, 200, 700, 1500, 3000)
+# prompt lengths in tokens, from 1 to thousands: more requests than state slots (max_num_seqs), so slots are reused
+# (one-token prompts, which vLLM runs as decodes, come after others have left their state in the slots), and prompts
+# longer than a step's token budget (max_num_batched_tokens), so chunked prefill splits them
+PROMPT_LENGTHS = (2, 7, 30, 64, 65, 1, 200, 700, 1, 1500, 3000, 1)
 ENGINE = dict(
     dtype="float32",
     max_num_seqs=4,

@@ -65,3 +65,14 @@ def test_the_tools_import_graph_has_no_cycle():
     for name in graph:
         visit(name, [])
     assert "model" in graph["pretraining"] and "model" in graph["finetuning"]  # the graph was read at all
+
+
+def test_the_vllm_plugin_imports_the_model_and_no_tool():
+    for path in (PACKAGE / "vllm_plugin").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert (node.module or "").split(".")[0] == "model", f"{path.name} imports retnet_hf.{node.module}"
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("retnet_hf"), f"{path.name}: import it relatively"
+            elif isinstance(node, ast.Import):  # `import retnet_hf` registers the config with the Auto classes
+                assert all(a.name == "retnet_hf" or not a.name.startswith("retnet_hf") for a in node.names)

@@ -174,6 +174,11 @@ def recompute_in_backward(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
 
 
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, not called where it is the identity (evaluation, or p = 0): a decoding step calls no dropout."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 class RetNetRMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps)` computed in float32, cast back, then times `weight` if it has one.
 
@@ -186,9 +191,12 @@ class RetNetRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float() if hidden_states.dtype != torch.float64 else hidden_states
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = x.to(hidden_states.dtype)
+        x = hidden_states
+        if x.dtype in (torch.float32, torch.float64):  # no casts, no copies
+            x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        else:
+            x = x.float()
+            x = (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)).to(hidden_states.dtype)
         return x if self.weight is None else x * self.weight
 
 
@@ -254,21 +262,38 @@ class RetNetRelPos(nn.Module):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
     """`x * cos + partner(x) * sin`, where the partner of (a, b) is (-b, a): pairs (x_2i, x_2i+1) for
-    `style="torchscale"`, halves (x_i, x_i+D/2) for `"neox"`. `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D]`."""
+    `style="torchscale"`, halves (x_i, x_i+D/2) for `"neox"`. `x`: `[..., D]`; `cos`, `sin` broadcast to it
+    (`[T, D]` for `x` `[B, H, T, D]`). Many calls with the same angles: `rotate_signed` with `signed_sin` made once."""
+    return rotate_signed(x, cos, signed_sin(sin, style), style)
+
+
+def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, style: str) -> torch.Tensor:
+    """`rotate(x, cos, sin, style)` as `x * cos + swap(x) * signed_sin`, where `swap` exchanges the partners and
+    `signed_sin = signed_sin(sin, style)` carries the partner's sign: four small kernels, in `cos`'s dtype."""
+    if x.dtype != cos.dtype:
+        x = x.to(cos.dtype)
     if style == "neox":
-        first, second = x.chunk(2, dim=-1)
-        partner = torch.cat((-second, first), dim=-1)
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)
     else:
-        pairs = x.unflatten(-1, (-1, 2))
-        partner = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + partner * sin
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def signed_sin(sin: torch.Tensor, style: str) -> torch.Tensor:
+    """`sin` `[..., D]` with the sign of the partner in `rotate`: negated at the first of each pair
+    (`"torchscale"`) or in the first half (`"neox"`)."""
+    if style == "neox":
+        first, second = sin.chunk(2, dim=-1)
+        return torch.cat((-first, second), dim=-1)
+    pairs = sin.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 0], pairs[..., 1]), dim=-1).flatten(-2)
 
 
 @dataclass(frozen=True)
 class RetentionInputs:
     """What every layer of one forward call shares, made once by `RetNetModel.forward`.
 
-    rotation: `(cos, sin)`, each `[T, D]`, for the positions of this call's tokens (at least float32).
+    rotation: `(cos, signed_sin(sin))`, each `[T, D]`, for the positions of this call's tokens (at least float32).
     log_decay: `[H]`, log(gamma_h).
     form: `"parallel"`, `"chunkwise"` or `"recurrent"`.
     valid: bool `[B, T]`, False at padding; None when every token is real.
@@ -332,8 +357,14 @@ class MultiScaleRetention(nn.Module):
             self.v_proj(hidden_states),
             self.g_proj(hidden_states),
         )
-        # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates
-        out, state = recompute_in_backward(self.retain, *projections, inputs, state)
+        # the backward pass keeps the four projections, not the [H, C, C] scores or [B, T, dv] intermediates,
+        # nor out_proj's input: its backward recomputes retention (which retention's own backward needs anyway) and
+        # out_proj's product, one [T, dv] x [dv, d] product more than keeping that input
+        return recompute_in_backward(self.retain_and_project, *projections, inputs, state)
+
+    def retain_and_project(self, q, k, v, g, inputs: RetentionInputs, state: Optional[RetentionState]):
+        """`out_proj(retain(q, k, v, g, inputs, state))` `[B, T, d]`, and the new state."""
+        out, state = self.retain(q, k, v, g, inputs, state)
         return self.out_proj(out), state
 
     def retain(
@@ -352,8 +383,8 @@ class MultiScaleRetention(nn.Module):
         k = (k * self.scaling).view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_heads, self.value_head_dim).transpose(1, 2)
         cos, sin = inputs.rotation
-        q = rotate(q.to(cos.dtype), cos, sin, self.rotary_style)
-        k = rotate(k.to(cos.dtype), cos, sin, self.rotary_style)
+        q = rotate_signed(q, cos, sin, self.rotary_style)
+        k = rotate_signed(k, cos, sin, self.rotary_style)
         out, state = self.retention_functions[inputs.form](
             q,
             k,
@@ -366,7 +397,9 @@ class MultiScaleRetention(nn.Module):
             normalize=self.retention_normalization,
         )
 
-        out = self.group_norm(out).to(g.dtype)  # [B, H, T, Dv]
+        out = self.group_norm(out)  # [B, H, T, Dv]
+        if out.dtype != g.dtype:
+            out = out.to(g.dtype)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
         return F.silu(g) * out, state
 
@@ -390,12 +423,18 @@ class RetNetGLU(nn.Module):
         self.gate.uniform_gain = 1.0
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = recompute_in_backward(self.gated, self.fc1(hidden_states), self.gate(hidden_states))
-        return self.fc2(self.activation_dropout(x))
+        # the backward pass keeps fc1's and gate's outputs, not fc2's input (it recomputes the gate and fc2)
+        return recompute_in_backward(self.gated_and_projected, self.fc1(hidden_states), self.gate(hidden_states))
+
+    def gated_and_projected(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`fc2(dropout(gated(x, gate)))`: `[B, T, f]` twice -> `[B, T, d]`."""
+        return self.fc2(_dropout(self.activation_dropout, self.gated(x, gate)))
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """`act(x) * gate`, the activation in float32 at least; `[B, T, f]` twice -> `[B, T, f]`."""
-        return self.activation_fn(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype) * gate
+        if x.dtype in (torch.float32, torch.float64):
+            return self.activation_fn(x) * gate
+        return self.activation_fn(x.float()).to(x.dtype) * gate
 
 
 class RetNetDecoderLayer(GradientCheckpointingLayer):
@@ -424,14 +463,18 @@ class RetNetDecoderLayer(GradientCheckpointingLayer):
         if self.normalize_before:
             normed = recompute_in_backward(self.retention_layer_norm, hidden_states)
             mixed, state = self.retention(normed, inputs, state)
-            hidden_states = hidden_states * self.alpha + self.dropout(mixed)
+            hidden_states = self._residual(hidden_states, mixed)
             normed = recompute_in_backward(self.final_layer_norm, hidden_states)
-            return hidden_states * self.alpha + self.dropout(self.ffn(normed)), state
+            return self._residual(hidden_states, self.ffn(normed)), state
         mixed, state = self.retention(hidden_states, inputs, state)
-        hidden_states = hidden_states * self.alpha + self.dropout(mixed)
-        hidden_states = recompute_in_backward(self.retention_layer_norm, hidden_states)
-        hidden_states = hidden_states * self.alpha + self.dropout(self.ffn(hidden_states))
+        hidden_states = recompute_in_backward(self.retention_layer_norm, self._residual(hidden_states, mixed))
+        hidden_states = self._residual(hidden_states, self.ffn(hidden_states))
         return recompute_in_backward(self.final_layer_norm, hidden_states), state
+
+    def _residual(self, hidden_states: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """`alpha x + dropout(branch)`, both `[B, T, d]`."""
+        branch = _dropout(self.dropout, branch)
+        return hidden_states + branch if self.alpha == 1.0 else hidden_states * self.alpha + branch
 
 
 class RetNetPackingKwargs(TypedDict, total=False):
@@ -632,9 +675,9 @@ class RetNetModel(RetNetPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         has_state = cache is not None and cache.states[0] is not None
 
-        rotation, log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
+        (cos, sin), log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
         inputs = RetentionInputs(
-            rotation=rotation,
+            rotation=(cos, signed_sin(sin, self.config.rotary_style)),
             log_decay=log_decay,
             form=self._choose_form(retention_form, length),
             valid=self._valid_tokens(attention_mask, batch, length, past_length),
@@ -676,10 +719,10 @@ class RetNetModel(RetNetPreTrainedModel):
             )
         if inputs_embeds.shape[1] == 0:
             raise ValueError("The input has no tokens (length 0).")
-        hidden_states = inputs_embeds * self.embed_scale
+        hidden_states = inputs_embeds if self.embed_scale == 1.0 else inputs_embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden_states = self.layernorm_embedding(hidden_states)
-        return self.dropout(hidden_states)
+        return _dropout(self.dropout, hidden_states)
 
     def _cache_for(self, cache: Optional[RetNetCache], use_cache: bool, batch: int) -> Optional[RetNetCache]:
         """The cache to read (and, with `use_cache`, to write): the one given, checked, or a new one."""
@@ -783,6 +826,19 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
             model_kwargs[CACHE_NAME] = RetNetCache(self.config.decoder_layers)
 
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """Whether generate() (transformers >= 5) runs its one-token steps through `torch.compile` of the forward
+        (`generation_config.compile_config` sets its options; the prefill stays eager unless chunked): when a
+        `compile_config` is given, on any device, unless `disable_compile`, offloading or a quantizer that cannot
+        compile. transformers itself compiles only caches of fixed size, and on CPUs never; a RetNet step is one
+        graph (no graph breaks) with a state of fixed size on every device."""
+        if generation_config.compile_config is None or generation_config.disable_compile:
+            return False
+        devices = set(getattr(self, "hf_device_map", {}).values())
+        quantizer = getattr(self, "hf_quantizer", None)
+        offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)
+        return not offloaded and (quantizer is None or quantizer.is_compileable)
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -830,8 +886,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         )
         cache = getattr(outputs, CACHE_NAME)
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        if isinstance(logits_to_keep, int):
+            keep = hidden_states.shape[1] if logits_to_keep == 0 else logits_to_keep
+            hidden_states = hidden_states if keep >= hidden_states.shape[1] else hidden_states[:, -keep:, :]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:

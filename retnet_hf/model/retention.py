@@ -77,7 +77,6 @@ def parallel_retention(
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
-    decay: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """All positions at once, with a ``[T, T]`` decay matrix per head::
 
@@ -85,16 +84,14 @@ def parallel_retention(
 
     where ``D[n, m] = gamma^(n-m) w_m [m <= n, same document]`` and ``S_0'`` is the incoming state
     unnormalised (it reaches only the tokens before the first reset). Cost O(T^2) time and memory.
-    ``output_final_state=False`` skips the final state (returns None in its place), which training does not need;
-    ``decay`` may pass ``decay_matrix(log_decay, n)`` for some ``n >= T``, computed once for many calls.
+    ``output_final_state=False`` skips the final state (returns None in its place), which training does not need.
     """
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     dtype = _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
 
-    decay = decay_matrix(log_decay, length) if decay is None else decay[:, :length, :length].to(dtype)
-    mask = decay[None]  # [1, H, T, T]
+    mask = decay_matrix(log_decay, length)[None]  # [1, H, T, T]
     if resets is not None:
         document = resets.long().cumsum(-1)  # [B, T]
         mask = mask * (document[:, :, None] == document[:, None, :])[:, None].to(dtype)
@@ -136,31 +133,112 @@ def chunkwise_retention(
 ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
     """The parallel form inside chunks of ``chunk_size`` tokens, the state carried across chunks::
 
-        O[c] = parallel_retention(Q[c], K[c], V[c], state_{c-1});   state_c = its final state
+        O[c] = ((Q[c] K[c]^T) * D) V[c]  +  gamma^(i+1) Q[c] S'_{c-1}      (row i of chunk c)
+        S'_c = gamma^C S'_{c-1} + K[c]^T (gamma^(C-1-j) V[c])              (unnormalised states, S'_{-1} = S_0')
 
-    Exact for any length (the last chunk may be shorter). Cost O(T * chunk_size) time and memory.
+    then each row divided by sqrt(max(scale_n, 1)). All chunks are computed at once (batched matrix products);
+    only the ``[B, H, Dk, Dv]`` states are carried in a loop over chunks. Exact for any length: the tokens after
+    the last whole chunk are one more, shorter chunk. Cost per head O(T * (chunk_size * (Dk + Dv) + Dk * Dv))
+    time and O(T * chunk_size) memory.
     """
     length = q.shape[2]
-    decay = decay_matrix(log_decay.to(_compute_dtype(q.dtype)), min(chunk_size, length))
-    # split, not slicing: the backward of a slice writes into a zero tensor of the full length, once per chunk
-    q, k, v = (x.split(chunk_size, dim=2) for x in (q, k, v))
-    valid, resets = ([None] * len(q) if x is None else x.split(chunk_size, dim=1) for x in (valid, resets))
-    outputs, state = [], initial_state
-    for index in range(len(q)):
-        out, state = parallel_retention(
-            q[index],
-            k[index],
-            v[index],
-            log_decay=log_decay,
-            initial_state=state,
-            output_final_state=output_final_state or index < len(q) - 1,
-            valid=valid[index],
-            resets=resets[index],
-            normalize=normalize,
-            decay=decay,
-        )
-        outputs.append(out)
-    return torch.cat(outputs, dim=2), state
+    size = min(chunk_size, length)
+    whole = length - length % size
+    if whole == length:
+        return _chunks(q, k, v, log_decay, size, initial_state, output_final_state, valid, resets, normalize)
+    # split, not slicing: the backward of a slice writes into a zero tensor of the full length
+    sizes = [whole, length - whole]
+    (q0, q1), (k0, k1), (v0, v1) = (x.split(sizes, dim=2) for x in (q, k, v))
+    (valid0, valid1), (resets0, resets1) = (
+        (None, None) if x is None else x.split(sizes, dim=1) for x in (valid, resets)
+    )
+    head, state = _chunks(q0, k0, v0, log_decay, size, initial_state, True, valid0, resets0, normalize)
+    tail, state = _chunks(q1, k1, v1, log_decay, sizes[1], state, output_final_state, valid1, resets1, normalize)
+    return torch.cat((head, tail), dim=2), state
+
+
+def _chunks(q, k, v, log_decay, size, initial_state, output_final_state, valid, resets, normalize):
+    """`chunkwise_retention` of ``q``, ``k`` ``[B, H, N * C, Dk]``, ``v`` ``[B, H, N * C, Dv]``, with
+    ``C = size``: the output ``[B, H, N * C, Dv]`` and the final state (None unless ``output_final_state``)."""
+    batch, heads, length, dk = q.shape
+    dv = v.shape[-1]
+    chunks = length // size
+    dtype = _compute_dtype(q.dtype)
+    log_decay = log_decay.to(dtype)
+    q, k, v = (x.to(dtype).unflatten(2, (chunks, size)) for x in (q, k, v))  # [B, H, N, C, D]
+
+    decay = decay_matrix(log_decay, size)[None, :, None]  # [1, H, 1, C, C]: gamma^(i-j), j <= i
+    position = torch.arange(1, size + 1, device=q.device, dtype=dtype)
+    incoming = torch.exp(log_decay[:, None] * position)[None, :, None]  # [1, H, 1, C]: gamma^(i+1)
+    mask = decay
+    if valid is not None:  # a padding token's key is 0: it adds nothing to scores, states or scales
+        weight = valid.reshape(batch, 1, chunks, size).to(dtype)
+        k = k * weight[..., None]
+    if resets is not None:
+        document = resets.reshape(batch, chunks, size).long().cumsum(-1)[:, None]  # [B, 1, N, C], 0 until a reset
+        mask = mask * (document[..., :, None] == document[..., None, :]).to(dtype)
+        incoming = incoming * (document == 0).to(dtype)
+    last = mask[..., -1, :]  # [*, H, *, C]: the weight of each token in the chunk's final state
+    if valid is None:
+        local_scale, last_scale = mask.sum(-1), last.sum(-1)
+    else:
+        local_scale, last_scale = (mask @ weight[..., None])[..., 0], (last * weight).sum(-1)
+
+    # the unnormalised state and scale before each chunk, and after the last
+    s, scale_in = _unnormalized(initial_state, batch, heads, dk, dv, dtype, q.device)
+    need_states = initial_state is not None or chunks > 1
+    if need_states or output_final_state:
+        carry = incoming[..., -1].expand(batch, heads, chunks)  # gamma^C, 0 after a reset
+        contribution = (k * last[..., None]).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
+        last_scale = last_scale.expand(batch, heads, chunks)
+        states, scales = [], []
+        # unbind, not indexing: the backward of an index writes into a zero tensor of all chunks, once per chunk
+        for decay_c, s_c, scale_c in zip(carry.unbind(-1), contribution.unbind(2), last_scale.unbind(-1)):
+            states.append(s)
+            scales.append(scale_in)
+            s = decay_c[..., None, None] * s + s_c
+            scale_in = decay_c * scale_in + scale_c
+        before = torch.stack(scales, dim=2)  # [B, H, N]
+    else:
+        before = torch.zeros(batch, heads, chunks, dtype=dtype, device=q.device)
+    scale = local_scale + incoming * before[..., None]  # [B, H, N, C]
+    if normalize:
+        row = scale.clamp(min=1).rsqrt()[..., None]
+        q_in = q * row
+    else:
+        q_in = q
+    out = (q_in @ k.transpose(-1, -2) * mask) @ v
+    if need_states:
+        q_carry, before_states = (q_in * incoming[..., None]).flatten(0, 2), torch.stack(states, dim=2).flatten(0, 2)
+        out = torch.baddbmm(out.flatten(0, 2), q_carry, before_states).view(out.shape)  # + gamma^(i+1) q S'_{c-1}
+    out = out.flatten(2, 3)
+    if not output_final_state:
+        return out, None
+    return out, _normalized(s, scale_in)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _recurrent_token(q, k, v, s, scale, keep, weight, in_place):
+    """One token of the recurrence: `q`, `k` `[B, H, 1, Dk]`, `v` `[B, H, 1, Dv]`, the state `s` `[B, H, Dk, Dv]`
+    and `scale` `[B, H]`, `keep` (gamma, 0 at a reset) `[H]` or `[B, H]`, `weight` `[B, 1]` (None: the token is
+    real in every row) -> `(o [B, H, 1, Dv], s, scale, sqrt(max(scale, 1)))`. Every tensor is in the compute dtype;
+    `s` is updated in place when `in_place`. The decoding step is one call of this per layer: a dozen small kernels
+    and three passes over the state (decay, rank-1 update, `q_n S_n`), the last two from the cache when a layer's
+    state fits in it."""
+    batch, heads = q.shape[:2]
+    if weight is None:  # scale_n >= 1: the token itself weighs 1
+        new_scale = scale * keep + 1.0
+        new_root = new_scale.sqrt()
+    else:
+        new_scale = scale * keep + weight
+        new_root = new_scale.clamp(min=1).sqrt()
+    carry = (scale.clamp(min=1).sqrt() * keep / new_root).view(batch, heads, 1, 1)
+    k = k / new_root.view(batch, heads, 1, 1) if weight is None else k * (weight / new_root).view(batch, heads, 1, 1)
+    s = s.mul_(carry).addcmul_(k.mT, v) if in_place else torch.addcmul(s * carry, k.mT, v)
+    return q @ s, s, new_scale, new_root
 
 
 def recurrent_retention(
@@ -181,38 +259,31 @@ def recurrent_retention(
         S_n     = (gamma sqrt(max(scale_{n-1}, 1)) S_{n-1} + w_n k_n^T v_n) / sqrt(max(scale_n, 1))
         o_n     = q_n S_n
 
-    (``gamma`` is 0 at a reset). Cost O(1) per token: this is the decoding step. When autograd is off and the
-    incoming state already has the compute dtype, the state is updated in place (no copy of it per token).
+    (``gamma`` is 0 at a reset). Cost O(1) per token: this is the decoding step. When autograd is off, the state
+    is updated in place (the incoming one itself if it already has the compute dtype and is contiguous: no copy
+    of it per token), and the state returned is ready to be passed to the next call.
     """
     batch, heads, length, dk = q.shape
-    dv = v.shape[-1]
     dtype = _compute_dtype(q.dtype)
-    q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
-    gamma = log_decay.exp()[None, :].expand(batch, heads)
+    q, k, v = _as(q, dtype), _as(k, dtype), _as(v, dtype)
+    gamma = _as(log_decay, dtype).exp()  # [H]
     if initial_state is None:
-        s = torch.zeros(batch * heads, dk, dv, dtype=dtype, device=q.device)
-        scale = torch.zeros(batch, heads, dtype=dtype, device=q.device)
-        in_place = not torch.is_grad_enabled()
+        s = q.new_zeros(batch, heads, dk, v.shape[-1])
+        scale = q.new_zeros(batch, heads)
     else:
-        s, scale = initial_state[0].to(dtype).reshape(batch * heads, dk, dv), initial_state[1].to(dtype)
-        in_place = not torch.is_grad_enabled() and initial_state[0].dtype == dtype
+        s, scale = _as(initial_state[0], dtype), _as(initial_state[1], dtype)
+    in_place = not torch.is_grad_enabled() and s.is_contiguous()
 
-    root = scale.clamp(min=1).sqrt()
     outputs = []
     for t in range(length):
         keep = gamma if resets is None else gamma * (~resets[:, t, None]).to(dtype)
-        weight = 1.0 if valid is None else valid[:, t, None].to(dtype)
-        scale = keep * scale + weight
-        new_root = scale.clamp(min=1).sqrt()
-        carry = (keep * root / new_root).reshape(-1, 1, 1)
-        k_t = (k[:, :, t] * (weight / new_root)[..., None]).reshape(-1, dk, 1)
-        v_t = v[:, :, t].reshape(-1, 1, dv)
-        s = s.mul_(carry).baddbmm_(k_t, v_t) if in_place else torch.baddbmm(s * carry, k_t, v_t)
-        out = torch.bmm(q[:, :, t].reshape(-1, 1, dk), s).reshape(batch, heads, dv)
-        outputs.append(out if normalize else out * new_root[..., None])
-        root = new_root
-    state = (s.reshape(batch, heads, dk, dv), scale) if output_final_state else None
-    return torch.stack(outputs, dim=2), state
+        weight = None if valid is None else valid[:, t, None].to(dtype)
+        token = (q, k, v) if length == 1 else (x[:, :, t : t + 1] for x in (q, k, v))
+        out, s, scale, root = _recurrent_token(*token, s, scale, keep, weight, in_place)
+        outputs.append(out if normalize else out * root.view(batch, heads, 1, 1))
+        in_place = not torch.is_grad_enabled()  # s is now this function's own tensor
+    out = outputs[0] if length == 1 else torch.cat(outputs, dim=2)
+    return out, ((s, scale) if output_final_state else None)
 
 
 # The three forms by name (`RetNetConfig.retention_form`); they share one keyword-only signature, the chunkwise

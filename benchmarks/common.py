@@ -7,7 +7,9 @@ rows (dicts) that the scripts print as tables.
   depth and the MLP width chosen so that the parameter counts agree within 3%. At the 125m size (d 768, 12 layers,
   key head dim 256, dv = f = 1104, vocab 32000, untied: 124,373,760 parameters) its Llama (12 heads of 64,
   intermediate size 1696) has exactly as many, since 4 d^2 + 3 d 1696 = 2 d^2 + 6 d 1104.
-- `measure_bandwidth()`: GB/s of a large tensor read (`x.sum()`), the ceiling of memory-bound decoding.
+- `measure_bandwidth()`: GB/s of a large tensor read (`x.sum()`); `measure_read_bandwidth()`: the fastest read
+  plain PyTorch kernels reach (best of a matrix-vector product, a [1, k] x [k, n] product and a sum over one
+  matrix), the decode benchmark's ceiling.
 - `PeakMemory`: peak memory increase inside a `with` block: bytes of live tensors (CUDA: the allocator's peak;
   CPU: torch.profiler's allocation events), and on the CPU also the sampled RSS.
 """
@@ -157,6 +159,28 @@ def measure_bandwidth(size_mb: int = 512, repeats: int = 7, device="cpu") -> flo
     nbytes = x.numel() * x.element_size()
     del x
     return nbytes / statistics.median(times) / 1e9
+
+
+def measure_read_bandwidth(size_mb: int = 256, repeats: int = 7, device="cpu") -> Dict[str, float]:
+    """GB/s (10^9 bytes per second) at which plain PyTorch kernels read one float32 matrix of `size_mb` MiB, 4096
+    wide: `mv` (`torch.mv(W, x)`, W `[n, 4096]`), `vm` (`x @ W` with W seen as `[4096, n]`: the [1, k] x [k, n]
+    product of a one-token step), `sum` (`W.sum()`), each the median over `repeats` after a warm-up, and `best`,
+    the fastest of the three: the read bandwidth a decode step can hope for."""
+    width = 4096
+    matrix = torch.ones(max(1, size_mb * MB // 4 // width), width, dtype=torch.float32, device=device)
+    wide = matrix.view(width, -1)
+    column, row = torch.ones(width, device=device), torch.ones(1, width, device=device)
+    probes = {"mv": lambda: torch.mv(matrix, column), "vm": lambda: row @ wide, "sum": matrix.sum}
+    nbytes = matrix.numel() * matrix.element_size()
+    result = {}
+    for name, probe in probes.items():
+        probe()
+        times = []
+        for _ in range(repeats):
+            times.append(timed(probe, device))
+        result[name] = nbytes / statistics.median(times) / 1e9
+    result["best"] = max(result.values())
+    return result
 
 
 def cpu_model() -> str:

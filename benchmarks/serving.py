@@ -45,6 +45,7 @@ from .common import (
 SERVER_FLAGS = [
     "--dtype", "float32",
     "--max-num-seqs", "32",
+    "--max-model-len", "2048",  # Llama's config allows 64k, RetNet's names no limit: the same for both
     "--skip-tokenizer-init",
     "--kv-cache-memory-bytes", "4G",  # Llama's KV cache at 32 x 1k tokens (RetNet's states need far less)
     "--gpu-memory-utilization", "0.5",  # on the CPU build: the share of the memory vLLM may use

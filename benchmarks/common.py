@@ -12,6 +12,9 @@ rows (dicts) that the scripts print as tables.
   matrix), the decode benchmark's ceiling.
 - `PeakMemory`: peak memory increase inside a `with` block: bytes of live tensors (CUDA: the allocator's peak;
   CPU: torch.profiler's allocation events), and on the CPU also the sampled RSS.
+- `interleaved_timings(measures, rounds)` and `paired_median_ratio`: timings taken side by side in rounds, and
+  the median of their per-round ratio, so that a ratio compares figures taken moments apart (the shared machines
+  these run on drift by 10% over seconds to minutes).
 """
 
 import ctypes
@@ -24,7 +27,7 @@ import sys
 import threading
 import time
 import types
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -325,6 +328,32 @@ def timed(fn: Callable[[], object], device="cpu") -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def interleaved_timings(measures: Mapping[Hashable, Callable[[], float]], rounds: int) -> Dict[Hashable, List[float]]:
+    """Takes several measurements side by side, for a machine whose speed drifts over seconds to minutes: `rounds`
+    rounds, each calling every measure once, so that the figures of one round were taken moments apart. Round r
+    calls them in `measures`' order rotated by r (it starts at the (r mod n)-th), so that none always runs first
+    or always follows the same one. Each measure returns its own figure (e.g. seconds; see `timed`). Returns each
+    key's `rounds` figures in round order: index i of two keys' lists comes from the same round, the pairs that
+    `paired_median_ratio` compares."""
+    keys = list(measures)
+    figures: Dict[Hashable, List[float]] = {key: [] for key in keys}
+    for index in range(rounds):
+        start = index % len(keys) if keys else 0
+        for key in keys[start:] + keys[:start]:
+            figures[key].append(measures[key]())
+    return figures
+
+
+def paired_median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median over rounds of `numerators[i] / denominators[i]`, two keys' figures from `interleaved_timings`:
+    a ratio of two things timed in the same rounds, which the drift of the machine between rounds does not bias
+    (a ratio of two separately taken medians can pair a fast moment with a slow one). Raises ValueError if the
+    two are empty or differ in length."""
+    if not numerators or len(numerators) != len(denominators):
+        raise ValueError(f"need two equally long, non-empty lists: {len(numerators)} and {len(denominators)} figures")
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:

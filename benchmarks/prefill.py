@@ -3,12 +3,17 @@ sequence length, for RetNet's parallel and chunkwise forms and a same-size Llama
 
 This script prints the machine, the models, a markdown
 table and where chunkwise overtakes parallel, and saves prefill.png, prefill.md and prefill.json into --out.
-Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so.
+Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so. Per length and
+mode each variant first runs once for its peak memory (untimed), then the variants are timed side by side in
+rounds, each of which runs every variant once, so that `x Llama time` (the median of each round's RetNet/Llama
+ratio) compares timings taken moments apart (the shared machines these run on drift by 10% over minutes).
 
-Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 1 repeat): about 10 minutes on an
-idle 2-core CPU with 23.5 GB, most of it the parallel form's forward at 8k (about 2 minutes). There the memory
-guard skips the parallel form's longest points and forward+backward at 16k (measured: 14.6 GB of tensors for
-RetNet, 17.0 GB for Llama, in float32) and says so. To measure 16k training on such a machine (about 6 minutes):
+Full run (defaults: 125M, lengths 512 to 16k doubling, batch 1, both modes, 3 rounds): estimated 40 minutes on an
+idle 2-core CPU with 23.5 GB (each point runs four times, its memory run and 3 rounds; one run of every point
+took about 10 minutes in all), most of it the parallel form's forward at 8k (about 2 minutes a run). There the
+memory guard skips the parallel form's longest points and forward+backward at 16k (measured: 14.6 GB of tensors
+for RetNet, 17.0 GB for Llama, in float32) and says so. To measure 16k training on such a machine (one run of each
+point took about 6 minutes in all: estimated 24 with the memory run and 3 rounds):
 MALLOC_MMAP_THRESHOLD_=131072 python -m benchmarks.prefill --modes forward+backward \
     --variants "RetNet chunkwise,Llama SDPA" --lengths 8k,16k --memory-fraction 1.3
 (the fixed malloc threshold keeps the RSS at the tensor peak). --gradient-checkpointing makes 16k training take
@@ -17,6 +22,7 @@ Quick run (tiny model, seconds): python -m benchmarks.prefill --quick
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -36,7 +42,9 @@ from .common import (
     build_models,
     describe_models,
     format_table,
+    interleaved_timings,
     log_axes,
+    paired_median_ratio,
     parameter_count,
     parse_ints,
     prepare_run,
@@ -81,7 +89,7 @@ def prefill_benchmark(
     batch_size: int = 1,
     modes: Sequence[str] = ("forward", "forward+backward"),
     variants: Sequence[str] = PREFILL_VARIANTS,
-    repeats: int = 1,
+    rounds: int = 3,
     memory_fraction: float = 0.7,
     seed: int = 0,
     gradient_checkpointing: bool = False,
@@ -91,12 +99,21 @@ def prefill_benchmark(
     a prefill) and of forward+backward (labels = inputs, full logits, `loss.backward()`, no cache: a training
     step without the optimiser; with `gradient_checkpointing`, both models recompute each layer in the backward
     pass) against the sequence length, for RetNet's parallel and chunkwise forms
-    (`retention_form=`) and Llama with SDPA. Median of `repeats` after one warm-up at the shortest length.
+    (`retention_form=`) and Llama with SDPA.
+
+    After one warm-up of every variant and mode at the shortest length, per length and mode: each variant runs
+    once inside `PeakMemory` (`peak MB`: tensor bytes, `RSS MB`: the sampled resident set, both over the start;
+    that run is untimed, since the profiler and the sampler disturb timings), then the variants are timed side by
+    side in `rounds` rounds (`interleaved_timings`: each round runs every variant once, in a rotating order), so
+    that the figures of one round were taken moments apart on a machine whose speed drifts. `seconds` is the
+    median over rounds (`seconds by round`: each round's); `x Llama time` (RetNet's rows, where Llama SDPA ran
+    too) is the median over rounds of the variant's seconds over Llama SDPA's in the same round
+    (`paired_median_ratio`; below 1: RetNet is faster).
     A point is skipped when its predicted peak exceeds `memory_fraction` of the available memory: predicted from
     the peak measured at the previous length of the same variant and mode, scaled with the length (squared for
-    the parallel form) and by 1.3 for safety, or at the first length by `estimate_prefill_bytes`. (There is no
-    swap on these machines: running out of memory would kill this process, or a neighbour's.) One row per
-    variant, length and mode."""
+    the parallel form) and by 1.3 for safety, or at the first length by `estimate_prefill_bytes`; one variant runs
+    at a time, so that peak is all that is alive. (There is no swap on these machines: running out of memory
+    would kill this process, or a neighbour's.) One row per variant, length and mode."""
     device = next(retnet.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     models = {
@@ -132,6 +149,7 @@ def prefill_benchmark(
     for length in sorted(lengths):
         ids = torch.randint(0, retnet.config.vocab_size, (batch_size, length), generator=generator).to(device)
         for mode in modes:
+            skipped, peaks = {}, {}
             for variant in variants:
                 model, form = models[variant]
                 previous = measured_peaks.get((variant, mode))
@@ -142,29 +160,45 @@ def prefill_benchmark(
                 else:
                     power = 2 if variant == "RetNet parallel" else 1
                     needed = int(1.3 * previous[1] * (length / previous[0]) ** power)
-                row = {"variant": variant, "length": length, "batch": batch_size, "mode": mode}
                 release_freed_memory(collect=False)  # memory malloc still holds from the previous point is free
                 if needed > memory_fraction * available_memory_bytes(device):
-                    rows.append({**row, "skipped": f"needs ~{needed / GB:.1f} GiB"})
+                    skipped[variant] = f"needs ~{needed / GB:.1f} GiB"
                     continue
-                log(f"prefill: {variant} {mode} {length} tokens")
-                times, peaks = [], []
-                for _ in range(repeats):
-                    with PeakMemory(device) as peak:
-                        times.append(timed(lambda: run(model, form, ids, mode), device))
-                    peaks.append(peak)
-                seconds = statistics.median(times)
-                peak_bytes = max(peak.peak_bytes for peak in peaks)
-                rss_bytes = None if peaks[0].rss_peak_bytes is None else max(peak.rss_peak_bytes for peak in peaks)
-                measured_peaks[(variant, mode)] = (length, peak_bytes)
+                # memory in a run of its own (the profiler and the sampling thread disturb timings), which is also
+                # this point's warm-up
+                log(f"prefill: {variant} {mode} {length} tokens, memory")
+                with PeakMemory(device) as peaks[variant]:
+                    run(model, form, ids, mode)
+                measured_peaks[(variant, mode)] = (length, peaks[variant].peak_bytes)
+            if peaks:
+                log(f"prefill: {', '.join(peaks)} {mode} {length} tokens, {rounds} rounds")
+            seconds = interleaved_timings(
+                {
+                    variant: functools.partial(timed, functools.partial(run, *models[variant], ids, mode), device)
+                    for variant in peaks
+                },
+                rounds,
+            )
+            for variant in variants:
+                row = {"variant": variant, "length": length, "batch": batch_size, "mode": mode}
+                if variant in skipped:
+                    rows.append({**row, "skipped": skipped[variant]})
+                    continue
+                median = statistics.median(seconds[variant])
+                versus_llama = None
+                if variant.startswith("RetNet") and "Llama SDPA" in seconds:
+                    versus_llama = paired_median_ratio(seconds[variant], seconds["Llama SDPA"])
+                rss_bytes = peaks[variant].rss_peak_bytes
                 rows.append(
                     {
                         **row,
-                        "seconds": seconds,
-                        "tokens/s": batch_size * length / seconds,
-                        "peak MB": peak_bytes / MB,
+                        "seconds": median,
+                        "tokens/s": batch_size * length / median,
+                        "x Llama time": versus_llama,
+                        "peak MB": peaks[variant].peak_mb,
                         "skipped": None,
                         "RSS MB": None if rss_bytes is None else rss_bytes / MB,
+                        "seconds by round": seconds[variant],
                     }
                 )
         release_freed_memory()
@@ -195,7 +229,8 @@ def chunkwise_crossover(rows: List[dict], mode: str, chunk_size: int = 0) -> Opt
 
 
 def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
-    """Where chunkwise overtakes parallel (lengths above one chunk), what was skipped, and the peak memory of
+    """Where chunkwise overtakes parallel (lengths above one chunk), what was skipped, each RetNet form's time
+    against Llama's at the longest length where both ran (the rows' paired `x Llama time`), and the peak memory of
     chunkwise against Llama at the longest length, per mode."""
     lines = []
     for mode in sorted({row["mode"] for row in rows}, key=len):
@@ -218,6 +253,17 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
                 lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
             if len(measured) < len(parallel):
                 lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
+        for variant in PREFILL_VARIANTS[:2]:
+            paired = sorted(
+                (row["length"], row["x Llama time"])
+                for row in rows
+                if row["mode"] == mode and row["variant"] == variant and row.get("x Llama time")
+            )
+            if paired:
+                length, ratio = paired[-1]
+                lines.append(
+                    f"{mode} at {length} tokens: {variant} takes {ratio:.2f}x the time of Llama SDPA, paired per round"
+                )
         peak = {
             row["variant"]: row["peak MB"]
             for row in rows
@@ -255,7 +301,7 @@ def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
     return save_figure(plt, figure, title or "Prefill and training step", path)
 
 
-COLUMNS = ["variant", "length", "batch", "mode", "seconds", "tokens/s", "peak MB", "RSS MB"]
+COLUMNS = ["variant", "length", "batch", "mode", "seconds", "tokens/s", "x Llama time", "peak MB", "RSS MB"]
 
 
 def parse_args(argv=None):
@@ -270,7 +316,13 @@ def parse_args(argv=None):
         "--variants", default=",".join(PREFILL_VARIANTS), help=f"default '{','.join(PREFILL_VARIANTS)}'"
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="RetNet chunk size (default: the config's, 512)")
-    parser.add_argument("--repeats", type=int, default=1, help="median over this many timings; default 1")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds: each times every variant of a length and mode once, side by side; medians and paired "
+        "ratios over them; default 3",
+    )
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -305,7 +357,7 @@ def main(argv=None) -> int:
     retnet, llama = build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
     settings = (
         f"settings: size {args.size}, {args.dtype}, lengths {args.lengths}, batch {args.batch_size}, "
-        f"modes {args.modes}, {args.repeats} repeat(s), gradient checkpointing {args.gradient_checkpointing}, "
+        f"modes {args.modes}, {args.repeats} round(s), gradient checkpointing {args.gradient_checkpointing}, "
         f"memory fraction {args.memory_fraction}"
     )
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc: fixed threshold, large blocks go back to the system
@@ -329,8 +381,12 @@ def main(argv=None) -> int:
     summary = "\n".join(f"- {line}" for line in prefill_summary(rows, chunk))
     note = (
         "forward: no_grad, use_cache=True, last-token logits (a prefill); forward+backward: labels = inputs, "
-        f"full logits, loss.backward(). peak MB: {PeakMemory(args.device).method} (increase over the start); "
-        "RSS MB (CPU): sampled resident-set increase, which also counts memory malloc keeps after a free."
+        f"full logits, loss.backward(). seconds: the median over {args.repeats} round(s), each of which timed "
+        "every variant of the length and mode once, side by side; x Llama time: the RetNet variant's seconds over "
+        "Llama SDPA's, the median over rounds of the ratio within a round (below 1: RetNet is faster). peak MB: "
+        f"{PeakMemory(args.device).method} (increase over the start) in an untimed run before the rounds; "
+        "RSS MB (CPU): sampled resident-set increase in that run, which also counts memory malloc keeps after a "
+        "free."
     )
     preamble = [run["header"], describe_models(retnet, llama), settings]
     png = plot_prefill(rows, f"{args.out}/prefill.png", f"Prefill and training ({args.size}, {args.dtype})")

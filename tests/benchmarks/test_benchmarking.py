@@ -3,12 +3,15 @@
 - `same_size_llama` lands within 3% of RetNet's parameter count (counted on real modules), and refuses when it
   cannot;
 - `PeakMemory` sees a large allocation and does not invent one;
+- `interleaved_timings` runs every measure once per round in a rotating order, `paired_median_ratio` takes the
+  median of the per-round ratios, and the prefill benchmark times its variants that way (a scripted clock);
 - each script's `--quick` mode runs end to end (through its `main`), prints a table with its columns and writes a
   PNG; torchscale's and ours' logits agree in that run.
 """
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -123,6 +126,72 @@ def test_chunkwise_crossover_ignores_one_chunk_and_needs_every_longer_length():
     assert prefill.chunkwise_crossover(rows({1024: (1.0, 2.0)}), "forward", chunk_size=512) is None
 
 
+def test_interleaved_timings_runs_every_measure_once_per_round_in_a_rotating_order():
+    calls = []
+
+    def measure(name):
+        def call():
+            calls.append(name)
+            return float(len(calls))  # the call's place in the whole sequence
+
+        return call
+
+    figures = common.interleaved_timings({name: measure(name) for name in "abc"}, rounds=3)
+    assert calls == list("abc") + list("bca") + list("cab")
+    # each key's figures in round order: its place in each round's calls
+    assert figures == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
+    assert common.interleaved_timings({"a": measure("a")}, rounds=2) == {"a": [10.0, 11.0]}
+
+
+def test_paired_median_ratio_is_the_median_of_the_per_round_ratios():
+    # per round 0.5, 2, 3: median 2, where the ratio of the medians (3 / 2) would be 1.5
+    assert common.paired_median_ratio([1.0, 10.0, 3.0], [2.0, 5.0, 1.0]) == 2.0
+    with pytest.raises(ValueError, match="equally long"):
+        common.paired_median_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        common.paired_median_ratio([], [])
+
+
+def test_prefill_times_the_variants_side_by_side(monkeypatch):
+    """The order of the forward calls, and the figures a scripted clock gives: the memory run and the rounds'
+    runs per variant, each round running every variant once, and `x Llama time` the median of the per-round
+    ratios (not the ratio of the medians)."""
+    retnet, llama = common.build_models(common.size_config("tiny"))
+    calls = []
+    retnet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(f"RetNet {kwargs['retention_form']}"), with_kwargs=True
+    )
+    llama.register_forward_pre_hook(lambda module, args: calls.append("Llama SDPA"))
+    scripted = {"RetNet parallel": [3.0, 12.0, 5.0], "RetNet chunkwise": [1.0, 4.8, 1.6], "Llama SDPA": [2.0, 8.0, 4.0]}
+    timed_calls = []
+
+    def scripted_timed(fn, device="cpu"):
+        fn()
+        variant = calls[-1]
+        timed_calls.append(variant)
+        return scripted[variant][timed_calls.count(variant) - 1]
+
+    monkeypatch.setattr(prefill, "timed", scripted_timed)
+    rows = prefill.prefill_benchmark(retnet, llama, [32], modes=["forward"], rounds=3)
+    parallel, chunkwise, llama_sdpa = prefill.PREFILL_VARIANTS
+    warm_up = memory = [parallel, chunkwise, llama_sdpa]
+    rounds = [parallel, chunkwise, llama_sdpa, chunkwise, llama_sdpa, parallel, llama_sdpa, parallel, chunkwise]
+    assert calls == warm_up + memory + rounds
+    assert timed_calls == rounds
+    by_variant = {row["variant"]: row for row in rows}
+    for variant, figures in scripted.items():
+        assert by_variant[variant]["seconds by round"] == figures
+        assert by_variant[variant]["seconds"] == sorted(figures)[1]
+        assert by_variant[variant]["peak MB"] > 0
+    # parallel / Llama per round: 1.5, 1.5, 1.25 (ratio of medians 1.25); chunkwise: 0.5, 0.6, 0.4 (0.4)
+    assert math.isclose(by_variant[parallel]["x Llama time"], 1.5)
+    assert math.isclose(by_variant[chunkwise]["x Llama time"], 0.5)
+    assert by_variant[llama_sdpa]["x Llama time"] is None
+    lines = prefill.prefill_summary(rows, chunk_size=16)
+    assert "forward at 32 tokens: RetNet chunkwise takes 0.50x the time of Llama SDPA, paired per round" in lines
+    assert "forward at 32 tokens: RetNet parallel takes 1.50x the time of Llama SDPA, paired per round" in lines
+
+
 def test_parse_ints():
     assert common.parse_ints("512,2k, 16k") == [512, 2048, 16384]
     assert common.parse_ints("32 64") == [32, 64]
@@ -157,10 +226,28 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 2 * 2
     keys = {(row[0], row[1], row[2], row[3]) for row in rows}
     assert ("RetNet", "64", "2", "generate") in keys and ("Llama", "32", "1", "step") in keys
+    column = {name: script.COLUMNS.index(name) for name in script.COLUMNS}
     for row in rows:
-        assert float(row[4]) > 0 and float(row[5]) > 0 and float(row[6]) > 0  # ms/step, tokens/s, ideal
+        assert all(float(row[column[name]]) > 0 for name in ("ms/step", "tokens/s", "ideal tokens/s"))
+        # the paired ratios: RetNet's tokens/s over Llama's on RetNet's rows, generate over step on generate's
+        assert (row[column["x Llama tokens/s"]] != "") == (row[0] == "RetNet")
+        assert (row[column["x step time"]] != "") == (row[3] == "generate")
     check_png(tmp_path / "decode.png")
     saved = json.loads((tmp_path / "decode.json").read_text())
+    # 3 rounds (the default); the medians and the paired ratios are those of the rounds' figures
+    by_key = {(row["model"], row["context"], row["batch"], row["path"]): row for row in saved}
+    for (model, context, batch, path), row in by_key.items():
+        assert len(row["ms/step by round"]) == 3
+        assert math.isclose(row["ms/step"], statistics.median(row["ms/step by round"]))
+        if model == "RetNet":
+            llama_rounds = by_key[("Llama", context, batch, path)]["ms/step by round"]
+            ratios = [theirs / ours for theirs, ours in zip(llama_rounds, row["ms/step by round"])]
+            assert math.isclose(row["x Llama tokens/s"], statistics.median(ratios))
+        if path == "generate":
+            step_rounds = by_key[(model, context, batch, "step")]["ms/step by round"]
+            ratios = [generate / step for generate, step in zip(row["ms/step by round"], step_rounds)]
+            assert math.isclose(row["x step time"], statistics.median(ratios))
+    assert "RetNet/Llama tokens/s = " in output and "vs the step loop, paired per round" in output
     # the state does not grow with the context; the KV cache doubles from 32 to 64 tokens
     cache = {(row["model"], row["context"]): row["cache MB"] for row in saved if row["batch"] == 1}
     assert cache[("RetNet", 32)] == cache[("RetNet", 64)]
@@ -176,11 +263,19 @@ def test_bench_prefill_quick(tmp_path, capsys):
     assert len(rows) == 3 * 2 * 2  # variants x lengths x modes
     assert {row[0] for row in rows} == set(prefill.PREFILL_VARIANTS)
     assert {row[3] for row in rows} == {"forward", "forward+backward"}
-    assert all(float(row[4]) > 0 for row in rows)
+    column = {name: script.COLUMNS.index(name) for name in script.COLUMNS}
+    assert all(float(row[column["seconds"]]) > 0 for row in rows)
+    for row in rows:  # RetNet's time over Llama's, on RetNet's rows
+        ratio = row[column["x Llama time"]]
+        assert (ratio != "") == row[0].startswith("RetNet")
+        assert ratio == "" or 0 < float(ratio) < math.inf
     assert "chunkwise (chunk 32)" in output
+    assert "forward+backward at 128 tokens: RetNet chunkwise takes " in output
     check_png(tmp_path / "prefill.png")
+    saved = json.loads((tmp_path / "prefill.json").read_text())
+    assert all(len(row["seconds by round"]) == 3 for row in saved)  # the default 3 rounds
     # the tensor peak is exact and sees the training step's activations and logits
-    peaks = {(row[0], row[3]): float(row[6]) for row in rows if row[1] == "128"}
+    peaks = {(row[0], row[3]): float(row[column["peak MB"]]) for row in rows if row[1] == "128"}
     assert all(peak > 0 for peak in peaks.values())
     assert peaks[("RetNet chunkwise", "forward+backward")] > peaks[("RetNet chunkwise", "forward")]
 

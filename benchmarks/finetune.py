@@ -6,9 +6,9 @@ LlamaForCausalLM, on the guanaco chat rows.
 
 The run is the package's own `retnet-hf sft` (`retnet_hf.finetuning`: its data loading with the Llama-2 chat
 parser and `fit_to_max_length`, model loading, PEFT `LoraConfig`, `SFTConfig` and `SFTTrainer`), once per
-(model, method, max length), each in its own process so that the peak memory is its own. Both models get the same
-tokenizer (a byte-level BPE trained here, with `retnet_hf.data.train_tokenizer`, on the rows themselves; nothing is
-downloaded), the same rows (`--data`, default ../shared/data/guanaco-llama2-1k.parquet), packing into
+(model, method, max length) and round, each in its own process so that the peak memory is its own. Both models get
+the same tokenizer (a byte-level BPE trained here, with `retnet_hf.data.train_tokenizer`, on the rows themselves;
+nothing is downloaded), the same rows (`--data`, default ../shared/data/guanaco-llama2-1k.parquet), packing into
 padding-free rows of at most `max length` tokens, batch, steps, learning rate and seed. LoRA rank 16 (alpha 32,
 dropout 0.05) on RetNet's `LORA_TARGET_MODULES` and on Llama's q, k, v, o, gate, up and down projections; QLoRA
 loads the saved folder with bitsandbytes 4-bit nf4 (double quantization, `retnet_hf.finetuning.load_model`). The
@@ -20,11 +20,13 @@ resident set, `ru_maxrss`, which includes loading the model; `--device cuda`: `m
 configuration that fails (e.g. 4-bit where bitsandbytes has no backend) is a table row saying why. Prints the
 machine, the settings and a markdown table, and saves finetune.png, finetune.md and finetune.json into --out.
 
-Full run (defaults: 125m, max lengths 512 and 2048, LoRA and QLoRA, batch 1, 1 warm-up + 5 timed steps, 8
-processes): about 6-7 minutes on an idle 2-core CPU like that of docs/benchmarks.md (where a 125M training step at
-512 tokens takes about 2 s): about 10 s per process to start, load and prepare the data, then 6 steps of about 1.5 s
-(LoRA, 512 tokens), 2.5 s (QLoRA, 512), 7.5 s (LoRA, 2048) and 11 s (QLoRA, 2048). On a busy machine it takes many
-times longer (measured with a load of 4-5 on 2 cores: 25-55 s per step at 512 tokens).
+Full run (defaults: 125m, max lengths 512 and 2048, LoRA and QLoRA, batch 1, 1 warm-up + 5 timed steps, 2
+rounds of 8 processes): about 12-14 minutes on an idle 2-core CPU like that of docs/benchmarks.md (estimated from
+one round's 6-7 minutes: about 10 s per process to start, load and prepare the data, then 6 steps of about 1.5 s
+(LoRA, 512 tokens), 2.5 s (QLoRA, 512), 7.5 s (LoRA, 2048) and 11 s (QLoRA, 2048)). The machine's speed drifts
+by several percent within minutes, so the two models of a configuration run one after the other in every round
+(which goes first alternates) and the ratio is taken within rounds. On a busy machine it takes many times longer
+(measured with a load of 4-5 on 2 cores: 25-55 s per step at 512 tokens).
 """
 
 import argparse
@@ -32,6 +34,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,6 +171,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="rows (packed) per step; default 1")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up; default 5")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; default 1")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="every configuration once per round (medians); default 2, --quick 1"
+    )
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha 2 x rank); default 16")
     parser.add_argument(
         "--no-packing", dest="packing", action="store_false", help="truncate and pad rows instead of packing them"
@@ -184,6 +190,7 @@ def parse_args(argv=None):
         args.limit = args.limit or 64
         args.steps = min(args.steps, 2)
     args.lengths = args.lengths or ([64] if args.quick else [512, 2048])
+    args.rounds = args.rounds or (1 if args.quick else 2)
     return args
 
 
@@ -252,6 +259,17 @@ def configurations(args, folders: dict, work: Path) -> List[dict]:
     return runs
 
 
+def interleaved_order(runs: List[dict], round_number: int) -> List[int]:
+    """The order in which round `round_number` runs the configurations `runs` (as `configurations` lists them:
+    each (length, method) once per model, in `MODELS` order): unchanged in even rounds, each pair of models
+    swapped in odd ones."""
+    order = list(range(len(runs)))
+    if round_number % 2:
+        for start in range(0, len(order) - 1, len(MODELS)):
+            order[start : start + len(MODELS)] = reversed(order[start : start + len(MODELS)])
+    return order
+
+
 def run_in_process(run: dict, timeout: float) -> dict:
     """`measure` in a fresh Python process: the row, or the row with `skipped` (why it gave no numbers)."""
     command = [sys.executable, "-m", "benchmarks.finetune", "--one", json.dumps(run)]
@@ -269,24 +287,43 @@ def run_in_process(run: dict, timeout: float) -> dict:
     return {**row, **json.loads(lines[-1][len(RESULT) :])}
 
 
-def add_ratios(rows: List[dict]) -> None:
-    """RetNet's steps/s and peak memory over Llama's at the same method and length, on RetNet's row."""
-    for row in rows:
+def merge_rounds(rounds: List[List[dict]]) -> List[dict]:
+    """One row per configuration from its row in every round (`rounds[r][i]`: round r's row of configuration i):
+    the median steps/s and tokens/s over the rounds that gave numbers, the largest peak memory, every round's
+    step times and steps/s (`round steps/s`); and on RetNet's row `RetNet/Llama steps/s`, the median over the
+    rounds of the ratio of RetNet's steps/s to Llama's in the same round (the two ran one after the other, so the
+    machine's drift between rounds cancels), and `RetNet/Llama memory`. A configuration that gave no numbers in
+    any round keeps its first `skipped`."""
+    rows = []
+    for runs in zip(*rounds):
+        done = [run for run in runs if "steps/s" in run]
+        if not done:
+            rows.append(runs[0])
+            continue
+        row = dict(done[0])
+        for key in ("steps/s", "tokens/s"):
+            row[key] = statistics.median(run[key] for run in done)
+        row["peak memory MB"] = max(run["peak memory MB"] for run in done)
+        row["step seconds"] = [seconds for run in done for seconds in run["step seconds"]]
+        row["round steps/s"] = [run["steps/s"] for run in done]
+        row["timed steps"] = sum(run["timed steps"] for run in done)
+        rows.append(row)
+    for index, row in enumerate(rows):
         if row["model"] != "RetNet" or "steps/s" not in row:
             continue
-        llama = next(
-            (
-                other
-                for other in rows
-                if other["model"] == "Llama"
-                and (other["method"], other["max length"]) == (row["method"], row["max length"])
-                and "steps/s" in other
-            ),
-            None,
+        key = (row["method"], row["max length"])
+        other = next(
+            (i for i, o in enumerate(rows) if o["model"] == "Llama" and (o["method"], o["max length"]) == key), None
         )
-        if llama:
-            row["RetNet/Llama steps/s"] = f"{row['steps/s'] / llama['steps/s']:.2f}x"
-            row["RetNet/Llama memory"] = f"{row['peak memory MB'] / llama['peak memory MB']:.2f}x"
+        pairs = [
+            (runs[index]["steps/s"], runs[other]["steps/s"])
+            for runs in rounds
+            if other is not None and "steps/s" in runs[index] and "steps/s" in runs[other]
+        ]
+        if pairs:
+            row["RetNet/Llama steps/s"] = f"{statistics.median(ours / theirs for ours, theirs in pairs):.2f}x"
+            row["RetNet/Llama memory"] = f"{row['peak memory MB'] / rows[other]['peak memory MB']:.2f}x"
+    return rows
 
 
 def plot_finetune(rows: List[dict], path: str, title: str) -> str:
@@ -316,7 +353,7 @@ def describe_settings(args, s: dict) -> str:
         + f", max lengths {args.lengths}, methods {args.methods}, batch {s['batch_size']}, "
         + ("packed padding-free rows" if s["packing"] else "rows truncated and padded")
         + f", LoRA r {s['rank']} alpha {alpha} dropout {s['lora_dropout']}, lr {s['learning_rate']} cosine, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, seed {s['seed']}, gradient checkpointing "
+        f"{args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s), seed {s['seed']}, gradient checkpointing "
         f"{s['gradient_checkpointing']}, float32 (QLoRA: nf4, double quantization, float32 compute on the CPU), "
         "TRL SFTTrainer as in retnet-hf sft"
     )
@@ -335,25 +372,29 @@ def main(argv=None) -> int:
         runs = configurations(args, folders, Path(work))
         settings = describe_settings(args, runs[0]["settings"])
         print(settings, flush=True)
-        rows = []
-        for run in runs:
-            start = time.perf_counter()
-            row = run_in_process(run, args.timeout)
-            rows.append(row)
-            done = row.get("skipped") or f"{row['steps/s']:.3f} steps/s, {row['peak memory MB']:.0f} MB"
-            print(
-                f"  ... {row['model']} {row['method']} {row['max length']}: {done} "
-                f"({time.perf_counter() - start:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-    add_ratios(rows)
+        rounds = []
+        for number in range(args.rounds):
+            rounds.append([{} for _ in runs])
+            # each (method, length)'s two models one after the other, the one that goes first alternating by round
+            for index in interleaved_order(runs, number):
+                start = time.perf_counter()
+                row = rounds[-1][index] = run_in_process(runs[index], args.timeout)
+                done = row.get("skipped") or f"{row['steps/s']:.3f} steps/s, {row['peak memory MB']:.0f} MB"
+                print(
+                    f"  ... round {number + 1}: {row['model']} {row['method']} {row['max length']}: {done} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows = merge_rounds(rounds)
     device = next((row["device"] for row in rows if "device" in row), "cpu")
     memory = "CUDA max_memory_allocated" if device == "cuda" else "peak resident set of the process (ru_maxrss)"
     note = (
         f"steps/s and tokens/s: over the {args.steps} steps after {args.warmup} warm-up step(s), wall time between "
-        f"optimiser step ends; tokens = non-padding input tokens. peak memory: {memory}, loading included. "
-        "RetNet/Llama: RetNet's steps/s and memory over Llama's (steps/s above 1x: RetNet is faster)."
+        f"optimiser step ends, median over {args.rounds} round(s); tokens = non-padding input tokens. peak memory: "
+        f"{memory}, loading included, the largest over the rounds. RetNet/Llama steps/s: the median over the rounds "
+        "of RetNet's steps/s over Llama's in the same round, the two run one after the other, which goes first "
+        "alternating (above 1x: RetNet is faster); memory: RetNet's peak over Llama's."
     )
     table = format_table(rows, COLUMNS)
     png = plot_finetune(rows, f"{args.out}/finetune.png", f"LoRA / QLoRA through TRL's SFTTrainer ({args.size})")

@@ -20,13 +20,13 @@ resident set, `ru_maxrss`, which includes loading the model; `--device cuda`: `m
 configuration that fails (e.g. 4-bit where bitsandbytes has no backend) is a table row saying why. Prints the
 machine, the settings and a markdown table, and saves finetune.png, finetune.md and finetune.json into --out.
 
-Full run (defaults: 125m, max lengths 512 and 2048, LoRA and QLoRA, batch 1, 1 warm-up + 5 timed steps, 2
-rounds of 8 processes): about 12-14 minutes on an idle 2-core CPU like that of docs/benchmarks.md (estimated from
-one round's 6-7 minutes: about 10 s per process to start, load and prepare the data, then 6 steps of about 1.5 s
-(LoRA, 512 tokens), 2.5 s (QLoRA, 512), 7.5 s (LoRA, 2048) and 11 s (QLoRA, 2048)). The machine's speed drifts
-by several percent within minutes, so the two models of a configuration run one after the other in every round
-(which goes first alternates) and the ratio is taken within rounds. On a busy machine it takes many times longer
-(measured with a load of 4-5 on 2 cores: 25-55 s per step at 512 tokens).
+Full run (defaults: 125m, max lengths 512 and 2048, LoRA and QLoRA, batch 1, 1 warm-up + 5 timed steps, 2 rounds of
+8 processes): 35 minutes on 2026-12-01, alone on 2 cores of an AMD EPYC with 23.5 GiB (about 10 s per process to
+start, load and prepare the data, then 6 steps of about 4.5 s (LoRA, 512 tokens), 7.5 s (QLoRA, 512), 20-26 s (LoRA,
+2048) and 30-33 s (QLoRA, 2048)). The machine's speed drifts by several percent within minutes, so the two models of
+a configuration run one after the other in every round (which goes first alternates) and the ratio is taken within
+rounds. On a busy machine it takes many times longer (measured with a load of 4-5 on 2 cores: 25-55 s per step at
+512 tokens).
 """
 
 import argparse

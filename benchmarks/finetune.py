@@ -31,6 +31,7 @@ rounds. On a busy machine it takes many times longer (measured with a load of 4-
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -48,6 +49,7 @@ from transformers import TrainerCallback
 from .common import (
     add_common_arguments,
     format_table,
+    interleaved_timings,
     prepare_run,
     publish,
     pyplot,
@@ -259,17 +261,6 @@ def configurations(args, folders: dict, work: Path) -> List[dict]:
     return runs
 
 
-def interleaved_order(runs: List[dict], round_number: int) -> List[int]:
-    """The order in which round `round_number` runs the configurations `runs` (as `configurations` lists them:
-    each (length, method) once per model, in `MODELS` order): unchanged in even rounds, each pair of models
-    swapped in odd ones."""
-    order = list(range(len(runs)))
-    if round_number % 2:
-        for start in range(0, len(order) - 1, len(MODELS)):
-            order[start : start + len(MODELS)] = reversed(order[start : start + len(MODELS)])
-    return order
-
-
 def run_in_process(run: dict, timeout: float) -> dict:
     """`measure` in a fresh Python process: the row, or the row with `skipped` (why it gave no numbers)."""
     command = [sys.executable, "-m", "benchmarks.finetune", "--one", json.dumps(run)]
@@ -372,20 +363,25 @@ def main(argv=None) -> int:
         runs = configurations(args, folders, Path(work))
         settings = describe_settings(args, runs[0]["settings"])
         print(settings, flush=True)
-        rounds = []
-        for number in range(args.rounds):
-            rounds.append([{} for _ in runs])
-            # each (method, length)'s two models one after the other, the one that goes first alternating by round
-            for index in interleaved_order(runs, number):
-                start = time.perf_counter()
-                row = rounds[-1][index] = run_in_process(runs[index], args.timeout)
-                done = row.get("skipped") or f"{row['steps/s']:.3f} steps/s, {row['peak memory MB']:.0f} MB"
-                print(
-                    f"  ... round {number + 1}: {row['model']} {row['method']} {row['max length']}: {done} "
-                    f"({time.perf_counter() - start:.0f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+
+        def run_and_log(index: int) -> dict:
+            start = time.perf_counter()
+            row = run_in_process(runs[index], args.timeout)
+            done = row.get("skipped") or f"{row['steps/s']:.3f} steps/s, {row['peak memory MB']:.0f} MB"
+            print(
+                f"  ... {row['model']} {row['method']} {row['max length']}: {done} "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return row
+
+        # each (length, method)'s two models side by side in rounds, the one that goes first alternating
+        by_round = {}
+        for first in range(0, len(runs), len(MODELS)):
+            pair = range(first, first + len(MODELS))
+            by_round.update(interleaved_timings({i: functools.partial(run_and_log, i) for i in pair}, args.rounds))
+        rounds = [[by_round[i][number] for i in range(len(runs))] for number in range(args.rounds)]
     rows = merge_rounds(rounds)
     device = next((row["device"] for row in rows if "device" in row), "cpu")
     memory = "CUDA max_memory_allocated" if device == "cuda" else "peak resident set of the process (ru_maxrss)"

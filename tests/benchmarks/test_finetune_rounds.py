@@ -1,4 +1,5 @@
-"""benchmarks.finetune's rounds: the order the configurations run in, and the rows merged from the rounds."""
+"""benchmarks.finetune's rounds: the rows merged from the rounds (the order they run in is
+`common.interleaved_timings`', tested in test_benchmarking.py)."""
 
 import pytest
 
@@ -17,13 +18,6 @@ def run(model, method="lora", length=512, steps_per_second=None, memory=100.0):
         "step seconds": [1 / steps_per_second],
         "timed steps": 1,
     }
-
-
-def test_each_pair_of_models_runs_back_to_back_and_the_first_alternates():
-    runs = [run(model, method) for method in ("lora", "qlora") for model in finetune.MODELS]
-    assert finetune.interleaved_order(runs, 0) == [0, 1, 2, 3]
-    assert finetune.interleaved_order(runs, 1) == [1, 0, 3, 2]
-    assert finetune.interleaved_order(runs, 2) == [0, 1, 2, 3]
 
 
 def test_the_ratio_is_the_median_of_the_ratios_within_rounds():
@@ -50,3 +44,30 @@ def test_a_configuration_skipped_in_every_round_keeps_its_reason_and_one_round_o
     assert qlora_retnet["skipped"] == qlora_llama["skipped"] == "no backend"
     assert retnet["steps/s"] == 1.0 and llama["steps/s"] == 2.0
     assert "RetNet/Llama steps/s" not in retnet  # never measured in the same round
+
+
+def test_the_run_times_each_configurations_two_models_back_to_back_in_rounds(tmp_path, monkeypatch):
+    """main's wiring: per (length, method), the rounds of its two models one after the other, the first alternating;
+    the table's ratio comes from the rounds (the processes are replaced by scripted rows)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    if not finetune.Path(finetune.DEFAULT_DATA).is_file():
+        pytest.skip(f"{finetune.DEFAULT_DATA} is not there")
+    calls = []
+    speeds = {"RetNet": iter([1.0, 4.0, 1.0, 4.0]), "Llama": iter([2.0, 5.0, 2.0, 5.0])}  # drift after round 1
+
+    def scripted(run_settings, timeout):
+        row = run_settings["row"]
+        calls.append((row["model"], row["method"]))
+        return run(row["model"], row["method"], row["max length"], steps_per_second=next(speeds[row["model"]]))
+
+    monkeypatch.setattr(finetune, "run_in_process", scripted)
+    out = tmp_path / "out"
+    assert finetune.main(["--quick", "--rounds", "2", "--out", str(out), "--bandwidth-mb", "16"]) == 0
+    assert calls == [
+        ("RetNet", "lora"), ("Llama", "lora"), ("Llama", "lora"), ("RetNet", "lora"),
+        ("RetNet", "qlora"), ("Llama", "qlora"), ("Llama", "qlora"), ("RetNet", "qlora"),
+    ]  # fmt: skip
+    rows = {(row["model"], row["method"]): row for row in finetune.json.loads((out / "finetune.json").read_text())}
+    assert rows[("RetNet", "lora")]["round steps/s"] == [1.0, 4.0]
+    assert rows[("RetNet", "lora")]["RetNet/Llama steps/s"] == f"{(0.5 + 0.8) / 2:.2f}x"

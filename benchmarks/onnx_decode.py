@@ -74,9 +74,7 @@ class CompiledStepper(EagerStepper):
         layers = model.config.decoder_layers
 
         def step(ids, states, num_tokens):
-            cache = RetNetCache(layers)
-            cache.states = [(states[2 * i], states[2 * i + 1]) for i in range(layers)]
-            cache.num_tokens = num_tokens
+            cache = RetNetCache.from_states([(states[2 * i], states[2 * i + 1]) for i in range(layers)], num_tokens)
             logits = model(ids, cache=cache, use_cache=True, retention_form="recurrent").logits[:, -1]
             return logits, [tensor for state in cache.states for tensor in state]
 

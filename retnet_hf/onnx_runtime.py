@@ -65,7 +65,6 @@ def state_names(num_layers: int, prefix: str = "") -> List[str]:
 
 def _wrappers(model):
     """The two nn.Modules that torch.onnx.export traces: the model's forward on plain tensors in and out."""
-    import torch
     from torch import nn
 
     from .model import RetNetCache
@@ -73,12 +72,10 @@ def _wrappers(model):
     layers = model.config.decoder_layers
 
     def run(module, input_ids, attention_mask, num_tokens, states, form):
-        cache = RetNetCache(layers)
-        # clones: the recurrent form updates a state in place when autograd is off, and graph inputs stay inputs
-        cache.states = [(states[2 * i].clone(), states[2 * i + 1].clone()) for i in range(layers)]
-        count = num_tokens.item()  # a symbolic int in the trace: the positions are the count's, as in the cache
-        torch._check(count >= 0)
-        cache.num_tokens = count
+        # clones: the recurrent form updates a state in place when autograd is off, and graph inputs stay inputs;
+        # the count stays a tensor: the positions are computed from it in the graph
+        pairs = [(states[2 * i].clone(), states[2 * i + 1].clone()) for i in range(layers)]
+        cache = RetNetCache.from_states(pairs, num_tokens)
         out = module.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

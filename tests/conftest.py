@@ -120,6 +120,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real text the project did 
 TINY_TRAIN = ["--preset", "tiny", "--vocab-size", "300", "--block-size", "64", "--batch-size", "4"]
 # a python with transformers 4.48 (AutoTrain's pin), for the saved code's checks; CI makes that venv
 TRANSFORMERS_448_ENV = "RETNET_TRANSFORMERS_448_PYTHON"
+# a python with transformers 5.24, the last release whose recurrent cache layers cannot roll back: the saved code's
+# stand-in layer and its refusal of assisted generation run there (CI makes that venv too)
+TRANSFORMERS_524_ENV = "RETNET_TRANSFORMERS_524_PYTHON"
 
 
 def subprocess_env(tmp_path: Path) -> dict:

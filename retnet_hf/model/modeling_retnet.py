@@ -5,6 +5,7 @@ torchscale state dict loads by renaming alone. The retention math lives in `rete
 modules, from the smallest part to the heads, and the recurrent cache.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -12,10 +13,12 @@ from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -25,7 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_retnet import RETENTION_FORMS, RetNetConfig
-from .retention import RETENTION_FUNCTIONS, RetentionState
+from .retention import RETENTION_FUNCTIONS, RetentionState, retention_keeping_states
 
 
 # ---------------------------------------------------------------------------------------- transformers versions
@@ -51,6 +54,72 @@ except ImportError:  # transformers 4.48 sets `gradient_checkpointing` and `_gra
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
             return super().__call__(*args, **kwargs)
+
+
+# transformers 5.25's linear-attention cache layers count their tokens and can roll a recurrent state back (past
+# recording and `crop(-n)`, which assisted decoding uses). Where they do, RetNet's cache is made of them; before
+# (4.48 ... 5.24) a stand-in with the part of their interface that RetNet uses keeps the state, and rolling back is
+# refused naming the release that can. `NATIVE_RECURRENT_CACHE` is the one place that decides.
+try:
+    from transformers.cache_utils import LinearAttentionLayer
+
+    NATIVE_RECURRENT_CACHE = (
+        "recurrent_states_to_keep" in inspect.signature(LinearAttentionLayer.activate_past_recording).parameters
+    )
+except (ImportError, AttributeError):
+    NATIVE_RECURRENT_CACHE = False
+
+ROLLBACK_NEEDS = (
+    "Rolling a RetNet state back to an earlier token (assisted generation, prompt lookup, `cache.crop`) needs "
+    "transformers >= 5.25, whose recurrent cache layers record the states they may return to; this is transformers "
+    f"{transformers.__version__}. Upgrade it (pip install -U transformers), or keep a copy of the cache "
+    "(copy.deepcopy) from the point you want to return to."
+)
+
+if not NATIVE_RECURRENT_CACHE:
+
+    class LinearAttentionLayer:
+        """The part of transformers 5.25's `LinearAttentionLayer` that RetNet uses, for the releases before it:
+        numbered recurrent states, the token count, row operations; no rollback."""
+
+        is_compileable = False
+        is_croppable = False
+        record_past = False
+
+        def __init__(self, number_of_states: int = 1):
+            self.number_of_states = number_of_states
+            self.recurrent_states = dict.fromkeys(range(number_of_states))
+            self.is_recurrent_states_initialized = dict.fromkeys(range(number_of_states), False)
+            self.has_previous_state = dict.fromkeys(range(number_of_states), False)
+            self.cumulative_length_linear = torch.tensor(0, dtype=torch.long)
+            self.device = None
+
+        def lazy_initialization(self, recurrent_states: torch.Tensor, state_idx: int = 0) -> None:
+            self.is_recurrent_states_initialized[state_idx] = True
+
+        def update_recurrent_state(self, recurrent_states, state_idx: int = 0) -> torch.Tensor:
+            if not self.is_recurrent_states_initialized[state_idx]:
+                self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+            last = recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+            self.recurrent_states[state_idx] = last
+            return last
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            for i, state in self.recurrent_states.items():
+                if state is not None:
+                    self.recurrent_states[i] = state.index_select(0, beam_idx.to(state.device))
+
+        def reset(self) -> None:
+            self.cumulative_length_linear.zero_()
+            for i in range(self.number_of_states):
+                self.recurrent_states[i] = None
+                self.is_recurrent_states_initialized[i] = self.has_previous_state[i] = False
+
+        def get_seq_length(self) -> torch.Tensor:
+            return self.cumulative_length_linear
+
+        def activate_past_recording(self, recurrent_states_to_keep: Optional[int] = None) -> None:
+            raise NotImplementedError(ROLLBACK_NEEDS)
 
 
 # transformers 5.24 renamed the cache from `past_key_values` to `cache`: the forward argument that generate()
@@ -88,46 +157,154 @@ def deepnorm_init_gain(config: RetNetConfig) -> float:
     return math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
 
 
-class RetNetCache(Cache):
-    """The recurrent state of every layer and the number of tokens seen: RetNet's cache (`cache`, called
-    `past_key_values` before transformers 5.24).
+class RetNetCacheLayer(LinearAttentionLayer):
+    """One layer's retention state, as transformers' recurrent cache layer (`LinearAttentionLayer`): recurrent state
+    0 is `S` `[B, H, D, Dv]`, state 1 the `scale` `[B, H]` (see `retention.py`), both float32 (float64 for a
+    float64 model) whatever the model's dtype; `cumulative_length_linear` counts the tokens seen. Their size does not
+    grow with the context. Where transformers can roll a state back (5.25+), a recording layer keeps the states
+    after each of its last `recurrent_states_to_keep` tokens, and `crop(-n)` returns to one of them."""
 
-    Per layer the state is `(S [B, H, D, Dv], scale [B, H])` (see `retention.py`), kept in float32 (float64 for a
-    float64 model) whatever the model's dtype. Its size does not grow with the context. A state cannot be rolled
-    back, so `crop` raises.
+    def __init__(self):
+        super().__init__(number_of_states=2)
+
+    @property
+    def state(self) -> Optional[RetentionState]:
+        """`(S, scale)`, or None before the first token."""
+        if not self.has_previous_state[0]:
+            return None
+        return self.recurrent_states[0], self.recurrent_states[1]
+
+    def update(self, state: Union[RetentionState, List[RetentionState]], num_tokens: int) -> None:
+        """Store the state after `num_tokens` more tokens: one `(S, scale)`, or (while recording) the states after
+        each of the last tokens, the final one last."""
+        states = state if isinstance(state, list) else [state]
+        for i, history in enumerate(zip(*states)):
+            self.update_recurrent_state(list(history), i)
+            self.has_previous_state[i] = True
+        self.cumulative_length_linear.add_(num_tokens)
+
+    def lazy_initialization(self, recurrent_states=None, state_idx: int = 0, **kwargs) -> None:
+        super().lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx, **kwargs)
+        first = recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[0]
+        if self.device is None:  # the row operations move indices to `device`; the count goes along with the state
+            self.device, self.dtype = first.device, first.dtype
+            self.cumulative_length_linear = self.cumulative_length_linear.to(first.device)
+
+    def activate_past_recording(self, recurrent_states_to_keep: Optional[int] = None) -> None:
+        super().activate_past_recording(recurrent_states_to_keep)
+        # one history per state (transformers 5.25 gives all of a layer's states one shared list)
+        self.recurrent_states_history = {i: [] for i in range(self.number_of_states)}
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        state = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
+        keep = getattr(self, "recurrent_states_to_keep", None)
+        if self.record_past and keep:  # what a rollback can reach, and no more: memory bounded by the draft length
+            del self.recurrent_states_history[state_idx][:-keep]
+        return state
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Return to the state before the last `-tokens_to_remove` tokens (a negative number, as transformers'
+        linear-attention layers take it), from the states recorded since `activate_past_recording`; then forget them.
+        """
+        if not NATIVE_RECURRENT_CACHE:
+            raise NotImplementedError(ROLLBACK_NEEDS)
+        history = getattr(self, "recurrent_states_history", {}).get(0, [])
+        if not self.record_past or tokens_to_remove > 0 or -tokens_to_remove > len(history):
+            raise ValueError(
+                f"crop({tokens_to_remove}): a RetNet state rolls back only by a negative number of tokens, at most "
+                f"as many as it recorded since activate_past_recording ({len(history) if self.record_past else 0} "
+                "here); keep a copy of the cache (copy.deepcopy) to return to any other point."
+            )
+        if tokens_to_remove:
+            self.cumulative_length_linear.sub_(-tokens_to_remove)
+            for i in range(self.number_of_states):  # copied in: the states keep their addresses (compiled steps)
+                self.recurrent_states[i].copy_(self.recurrent_states_history[i][tokens_to_remove])
+        self.recurrent_states_history = {i: [] for i in range(self.number_of_states)}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i, state in self.recurrent_states.items():
+            if state is not None:
+                self.recurrent_states[i] = state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+
+class RetNetCache(Cache):
+    """RetNet's cache (`cache`, called `past_key_values` before transformers 5.24): one `RetNetCacheLayer` per
+    decoder layer in `layers`, each holding its recurrent state and token count. Its size does not grow with the
+    context.
+
+    From transformers 5.25 on it is a cache of transformers' own recurrent layers, which its generic code knows:
+    `generate()`, beam search, assisted decoding and prompt lookup (which record the states of draft tokens and
+    roll back with `crop(-n)`), `torch.compile` (the states keep static addresses). Before 5.25 it keeps the same
+    states in a stand-in layer, and `crop` raises.
     """
 
-    is_compileable = False
-    is_croppable = False
-
     def __init__(self, num_layers: int):
-        # transformers 5.x's Cache wants layer objects and 4.x's is an nn.Module: neither is needed here, so the
-        # base initialiser is skipped and this class keeps its own state.
-        self.states: List[Optional[RetentionState]] = [None] * num_layers
-        self.num_tokens = 0
+        layers = [RetNetCacheLayer() for _ in range(num_layers)]
+        if NATIVE_RECURRENT_CACHE:
+            super().__init__(layers=layers)
+        else:  # 4.48's Cache is an nn.Module and takes no layers: not initialised
+            self.layers = layers
+
+    @classmethod
+    def from_states(cls, states: List[RetentionState], num_tokens: Union[int, torch.Tensor]) -> "RetNetCache":
+        """A cache holding `states` (one `(S, scale)` per layer) after `num_tokens` tokens (an int, or a 0-d tensor:
+        traced graphs take the count as an input)."""
+        cache = cls(len(states))
+        for layer, state in zip(cache.layers, states):
+            layer.update(state, 0)
+        cache.num_tokens = num_tokens
+        return cache
 
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self.layers)
 
     def __deepcopy__(self, memo) -> "RetNetCache":
         """An independent copy (to return to this point later); the copy stays differentiable."""
-        copy = RetNetCache(len(self.states))
-        copy.states = [None if state is None else tuple(t.clone() for t in state) for state in self.states]
-        copy.num_tokens = self.num_tokens
+
+        def copied(value):
+            if isinstance(value, torch.Tensor):
+                return value.clone()
+            if isinstance(value, dict):
+                return {key: copied(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [copied(item) for item in value]
+            return value
+
+        copy = RetNetCache(len(self.layers))
+        for layer, source in zip(copy.layers, self.layers):
+            layer.__dict__.update(copied(source.__dict__))
         return copy
 
     def __repr__(self) -> str:
-        return f"RetNetCache(num_layers={len(self.states)}, num_tokens={self.num_tokens})"
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.num_tokens
+        return f"RetNetCache(num_layers={len(self.layers)}, num_tokens={self.num_tokens})"
 
     @property
-    def is_linear(self) -> List[bool]:
-        """False for every layer, although retention is a linear attention. transformers (>= 5.24) takes a cache of
-        linear-attention layers for one that cannot count its tokens, and then feeds a continued prompt from its
-        start; this cache counts them, so generate() feeds only the tokens it has not seen, as with a KV cache."""
-        return [False] * len(self.states)
+    def states(self) -> List[Optional[RetentionState]]:
+        """Every layer's `(S, scale)` (None before the first token)."""
+        return [layer.state for layer in self.layers]
+
+    @property
+    def num_tokens(self) -> int:
+        """The tokens seen (padding included): the position of the next token."""
+        return int(self.layers[0].cumulative_length_linear)
+
+    @num_tokens.setter
+    def num_tokens(self, value: Union[int, torch.Tensor]) -> None:
+        """Set the count (an int or a 0-d tensor) of every layer: the next token's position."""
+        for layer in self.layers:
+            device = layer.cumulative_length_linear.device
+            layer.cumulative_length_linear = torch.as_tensor(value, dtype=torch.long).to(device)
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """The positions `[T]` of the next `length` tokens (from the count as a tensor: a compiled step does not
+        specialise on it)."""
+        return self.layers[0].cumulative_length_linear.to(device) + torch.arange(length, device=device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.layers[layer_idx].cumulative_length_linear)
 
     def get_max_length(self) -> Optional[int]:
         return None
@@ -135,34 +312,58 @@ class RetNetCache(Cache):
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
 
-    def update_state(self, layer_idx: int, state: RetentionState) -> None:
-        self.states[layer_idx] = state
+    @property
+    def is_compileable(self) -> bool:
+        return all(layer.is_compileable for layer in self.layers)
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(layer.is_croppable for layer in self.layers)
+
+    def states_to_keep(self) -> int:
+        """How many tokens the cache can roll back by (`recurrent_states_to_keep`): 0 unless it records its past
+        (transformers >= 5.25)."""
+        layer = self.layers[0]
+        return (getattr(layer, "recurrent_states_to_keep", None) or 0) if layer.record_past else 0
+
+    def stop_past_recording(self) -> None:
+        """Record no more per-token states (those recorded are dropped)."""
+        for layer in self.layers:
+            layer.record_past = False
+            layer.recurrent_states_history = {i: [] for i in range(layer.number_of_states)}
+
+    def read_state(self, layer_idx: int) -> Optional[RetentionState]:
+        """The state a layer continues from: the layer's own tensors (the recurrent form may update them in place),
+        or copies while recording, so that the recorded states stay as they were."""
+        state = self.layers[layer_idx].state
+        if state is not None and self.layers[layer_idx].record_past:
+            state = tuple(t.clone() for t in state)
+        return state
+
+    def update_state(self, layer_idx: int, state: Union[RetentionState, List[RetentionState]], num_tokens: int):
+        self.layers[layer_idx].update(state, num_tokens)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
-        self.states = [
-            None if state is None else tuple(t.index_select(0, beam_idx.to(t.device)) for t in state)
-            for state in self.states
-        ]
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.states = [
-            None if state is None else tuple(t.repeat_interleave(repeats, dim=0) for t in state)
-            for state in self.states
-        ]
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(indices)
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
 
     def reset(self) -> None:
-        self.states = [None] * len(self.states)
-        self.num_tokens = 0
+        for layer in self.layers:
+            layer.reset()
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "A RetNet state cannot be rolled back to an earlier token (so assisted decoding and cache cropping are "
-            "not available); keep a copy of the cache (copy.deepcopy) from the point you want to return to."
-        )
+    def crop(self, tokens_to_remove: int) -> None:
+        """Undo the last `-tokens_to_remove` tokens (a negative number) of a recording cache (transformers 5.25+)."""
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
 
 
 def recompute_in_backward(function, *args):
@@ -240,21 +441,16 @@ class RetNetRelPos(nn.Module):
         return self
 
     def forward(
-        self, start: int, length: int, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`((cos, sin), log_decay)`: `cos`, `sin` of shape `[length, D]` for positions start .. start + length - 1,
-        in at least float32, and the per-head log decays `[H]` (returned here, not read from the buffer elsewhere,
-        so that accelerate's offloading hooks around this module apply).
+        """`((cos, sin), log_decay)`: `cos`, `sin` of shape `[T, D]` for the positions `[T]` given, in at least
+        float32, and the per-head log decays `[H]` (returned here, not read from the buffer elsewhere, so that
+        accelerate's offloading hooks around this module apply).
 
         The phases position * angle are computed in float64 and reduced modulo 2 pi before they are cast: a float32
         product keeps 24 bits, several radians off at 100M tokens; reduced, a phase is exact to float32 rounding at
         any position."""
-        return self.at_positions(torch.arange(start, start + length, device=self.angle.device), dtype)
-
-    def at_positions(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """As `forward`, for the positions `[T]` given (vLLM's flattened tokens of many sequences)."""
+        positions = positions.to(self.angle.device)
         phase = torch.remainder(positions.double()[:, None] * self.angle[None, :], 2 * math.pi)  # float64
         phase = phase.to(torch.promote_types(dtype, torch.float32))
         return (phase.cos(), phase.sin()), self.decay
@@ -299,6 +495,8 @@ class RetentionInputs:
     valid: bool `[B, T]`, False at padding; None when every token is real.
     resets: bool `[B, T]`, True where a document starts and the state before it is discarded; None if none.
     output_final_state: whether the layers return their new state (False in training without a cache).
+    states_to_keep: how many of the last tokens' states the layers return, as a list (a cache that records them
+        for a rollback, transformers >= 5.25); 0: only the final state.
     """
 
     rotation: Tuple[torch.Tensor, torch.Tensor]
@@ -307,6 +505,7 @@ class RetentionInputs:
     valid: Optional[torch.Tensor] = None
     resets: Optional[torch.Tensor] = None
     output_final_state: bool = True
+    states_to_keep: int = 0
 
 
 class MultiScaleRetention(nn.Module):
@@ -377,7 +576,8 @@ class MultiScaleRetention(nn.Module):
         state: Optional[RetentionState],
     ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
         """From the projections `q`, `k` `[B, T, d]`, `v`, `g` `[B, T, dv]` to the gated, normalised retention
-        output `[B, T, dv]` (the input of `out_proj`), and the new state."""
+        output `[B, T, dv]` (the input of `out_proj`), and the new state (a list of states with
+        `inputs.states_to_keep`)."""
         batch, length, _ = q.shape
         q = q.view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
         k = (k * self.scaling).view(batch, length, self.num_heads, self.key_head_dim).transpose(1, 2)
@@ -385,17 +585,16 @@ class MultiScaleRetention(nn.Module):
         cos, sin = inputs.rotation
         q = rotate_signed(q, cos, sin, self.rotary_style)
         k = rotate_signed(k, cos, sin, self.rotary_style)
-        out, state = self.retention_functions[inputs.form](
-            q,
-            k,
-            v,
-            log_decay=inputs.log_decay,
-            initial_state=state,
-            output_final_state=inputs.output_final_state,
-            valid=inputs.valid,
-            resets=inputs.resets,
-            normalize=self.retention_normalization,
-        )
+        form = self.retention_functions[inputs.form]
+        common = dict(initial_state=state, valid=inputs.valid, resets=inputs.resets, log_decay=inputs.log_decay)
+        if inputs.states_to_keep:
+            out, state = retention_keeping_states(
+                form, q, k, v, keep=inputs.states_to_keep, normalize=self.retention_normalization, **common
+            )
+        else:
+            out, state = form(
+                q, k, v, output_final_state=inputs.output_final_state, normalize=self.retention_normalization, **common
+            )
 
         out = self.group_norm(out)  # [B, H, T, Dv]
         if out.dtype != g.dtype:
@@ -546,7 +745,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RetNetDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules_strict = ["retnet_rel_pos"]  # angles and decays stay float32 under bf16 and fp16
-    _is_stateful = True
+    _is_stateful = not NATIVE_RECURRENT_CACHE  # before 5.25, generate() refuses assisted decoding by this flag
     _supports_cache_class = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -672,27 +871,27 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch, length = hidden_states.shape[:2]
         cache = self._cache_for(_one_cache(cache, past_key_values), use_cache, batch)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        has_state = cache is not None and cache.states[0] is not None
+        has_state = cache is not None and cache.layers[0].state is not None
+        device = hidden_states.device
+        positions = cache.positions(length, device) if cache is not None else torch.arange(length, device=device)
 
-        (cos, sin), log_decay = self.retnet_rel_pos(past_length, length, hidden_states.dtype)
+        (cos, sin), log_decay = self.retnet_rel_pos(positions, hidden_states.dtype)
         inputs = RetentionInputs(
             rotation=(cos, signed_sin(sin, self.config.rotary_style)),
             log_decay=log_decay,
             form=self._choose_form(retention_form, length),
-            valid=self._valid_tokens(attention_mask, batch, length, past_length),
+            valid=self._valid_tokens(attention_mask, batch, length, cache),
             resets=self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state),
             output_final_state=use_cache,
+            states_to_keep=self._states_to_keep(cache, length) if use_cache else 0,
         )
         all_hidden_states = [] if output_hidden_states else None  # kept only when asked: a prefill holds no copies
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, state = layer(hidden_states, inputs, cache.states[idx] if has_state else None)
+            hidden_states, state = layer(hidden_states, inputs, cache.read_state(idx) if has_state else None)
             if use_cache:
-                cache.update_state(idx, state)  # the one place the cache is written
-        if use_cache:
-            cache.num_tokens += length
+                cache.update_state(idx, state, length)  # the one place the cache is written
         if self.layer_norm is not None:
             hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
@@ -732,11 +931,11 @@ class RetNetModel(RetNetPreTrainedModel):
             return RetNetCache(self.config.decoder_layers) if use_cache else None
         heads = self.config.decoder_retention_heads
         shape = (heads, self.config.decoder_embed_dim // heads, self.config.decoder_value_embed_dim // heads)
-        state = cache.states[0] if cache.states else None
-        if len(cache.states) != len(self.layers) or (state is not None and tuple(state[0].shape[1:]) != shape):
+        state = cache.layers[0].state if len(cache) else None
+        if len(cache) != len(self.layers) or (state is not None and tuple(state[0].shape[1:]) != shape):
             found = "" if state is None else f", states [batch, H, D, Dv] = {list(state[0].shape)}"
             raise ValueError(
-                f"The cache was made for another model ({len(cache.states)} layers{found}); this model has "
+                f"The cache was made for another model ({len(cache)} layers{found}); this model has "
                 f"{len(self.layers)} layers and states [batch, {', '.join(map(str, shape))}] (H heads, key and value "
                 "head dims D and Dv). Pass the cache that this model returned, or none to start a new one."
             )
@@ -748,7 +947,14 @@ class RetNetModel(RetNetPreTrainedModel):
         return cache
 
     @staticmethod
-    def _valid_tokens(attention_mask, batch, length, past_length) -> Optional[torch.Tensor]:
+    def _states_to_keep(cache: RetNetCache, length: int) -> int:
+        """How many of the last tokens' states the layers return for a cache that may roll back by up to N tokens:
+        the states after the last N + 1 tokens, N of which the cache records; 0 when it records nothing."""
+        depth = cache.states_to_keep()
+        return min(depth + 1, length) if depth else 0
+
+    @staticmethod
+    def _valid_tokens(attention_mask, batch, length, cache: Optional[RetNetCache]) -> Optional[torch.Tensor]:
         """The mask columns of the current tokens as bool `[B, T]`, or None when every token is real."""
         if attention_mask is None:
             return None
@@ -756,16 +962,17 @@ class RetNetModel(RetNetPreTrainedModel):
             raise ValueError(
                 f"attention_mask must be 2D [batch, length] with batch {batch}, got {tuple(attention_mask.shape)}."
             )
+        columns = attention_mask[:, -length:]
+        # (under torch.compile / torch.export the mask is neither checked nor dropped: a branch on tensor values
+        # would break the graph, and so would reading the cache's count)
+        if is_torchdynamo_compiling():
+            return columns.bool()
+        past_length = cache.num_tokens if cache is not None else 0
         if attention_mask.shape[1] not in (length, past_length + length):
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (the new tokens) or "
                 f"{past_length + length} (the cached and the new tokens)."
             )
-        columns = attention_mask[:, -length:]
-        # (under torch.compile / torch.export the mask is neither checked nor dropped: a branch on tensor values
-        # would break the graph)
-        if is_torchdynamo_compiling():
-            return columns.bool()
         if (columns == 1).all():
             return None
         valid = columns.bool()
@@ -821,10 +1028,31 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """Give generate() a fresh RetNetCache up front (chunked prefill needs one); the base class would not."""
+        """Give generate() a fresh RetNetCache up front (chunked prefill needs one); the base class would not. An
+        assistant's cache records its draft tokens' states, as the base class does for its own caches (5.25+)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
             model_kwargs[CACHE_NAME] = RetNetCache(self.config.decoder_layers)
+            if getattr(generation_config, "is_assistant", False):
+                model_kwargs[CACHE_NAME].activate_past_recording(
+                    recurrent_states_to_keep=generation_config.num_assistant_tokens
+                )
+
+    def _validate_generation_mode(self, generation_mode, *args, **kwargs):
+        """Before transformers 5.25, assisted generation and prompt lookup are refused naming the release that
+        rolls a recurrent state back (transformers 4.48 refuses them itself, as for any stateful model)."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and not NATIVE_RECURRENT_CACHE:
+            raise ValueError(ROLLBACK_NEEDS)
+        return super()._validate_generation_mode(generation_mode, *args, **kwargs)
+
+    def _assisted_decoding(self, *args, **kwargs):
+        """transformers' assisted decoding; the cache it returns stops recording draft states (as generate()'s other
+        loops leave theirs), so that continuing from it costs what continuing from any cache costs."""
+        try:
+            return super()._assisted_decoding(*args, **kwargs)
+        finally:
+            if isinstance(kwargs.get(CACHE_NAME), RetNetCache):
+                kwargs[CACHE_NAME].stop_past_recording()
 
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
         """Whether generate() (transformers >= 5) runs its one-token steps through `torch.compile` of the forward

@@ -30,7 +30,7 @@ With ``normalize=False`` the outputs are not divided by ``sqrt(max(scale_n, 1))`
 RetNet); the state keeps the same form either way.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -284,6 +284,43 @@ def recurrent_retention(
         in_place = not torch.is_grad_enabled()  # s is now this function's own tensor
     out = outputs[0] if length == 1 else torch.cat(outputs, dim=2)
     return out, ((s, scale) if output_final_state else None)
+
+
+def retention_keeping_states(
+    form,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    keep: int,
+    initial_state: Optional[RetentionState] = None,
+    valid: Optional[torch.Tensor] = None,
+    resets: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, List[RetentionState]]:
+    """``form`` (one of the three, called with ``kwargs``: ``log_decay``, ``normalize``) over the first ``T - keep`` tokens, then the recurrent
+    form token by token over the last ``keep`` (``1 <= keep <= T``): the output ``[B, H, T, Dv]`` and the states
+    after each of those tokens, the final state last. A cache that may roll back to one of them (assisted
+    decoding's rejected draft tokens) records them; each is a tensor of its own."""
+    length = q.shape[2]
+    head = length - keep
+    (q0, q1), (k0, k1), (v0, v1) = (x.split([head, keep], dim=2) for x in (q, k, v))
+    (valid0, valid1), (resets0, resets1) = (
+        (None, None) if x is None else x.split([head, keep], dim=1) for x in (valid, resets)
+    )
+    outputs, states, state = [], [], initial_state
+    if head:
+        out, state = form(q0, k0, v0, initial_state=state, valid=valid0, resets=resets0, **kwargs)
+        outputs.append(out)
+    for t in range(keep):
+        token = (x[:, :, t : t + 1] for x in (q1, k1, v1))
+        valid_t, resets_t = (None if x is None else x[:, t : t + 1] for x in (valid1, resets1))
+        if state is not None:  # the recurrent form may update its incoming state in place
+            state = tuple(x.clone() for x in state)
+        out, state = recurrent_retention(*token, initial_state=state, valid=valid_t, resets=resets_t, **kwargs)
+        outputs.append(out)
+        states.append(state)
+    return torch.cat(outputs, dim=2), states
 
 
 # The three forms by name (`RetNetConfig.retention_form`); they share one keyword-only signature, the chunkwise

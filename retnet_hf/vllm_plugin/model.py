@@ -256,7 +256,7 @@ class RetNetModel(nn.Module):
         hidden_states = embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden_states = self.layernorm_embedding(hidden_states)
-        rotation, log_decay = self.retnet_rel_pos.at_positions(positions, hidden_states.dtype)
+        rotation, log_decay = self.retnet_rel_pos(positions, hidden_states.dtype)
         log_decay = log_decay[self.first_head : self.first_head + self.heads_per_rank]
         metadata = get_forward_context().attn_metadata  # {layer: metadata}, the same sequences for every layer
         metadata = metadata.get(self.layers[0].retention.prefix) if isinstance(metadata, dict) else None

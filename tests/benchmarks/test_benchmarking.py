@@ -19,8 +19,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks import common, decode, prefill, torchscale
+from benchmarks import assisted, common, decode, prefill, torchscale
 from retnet_hf import RetNetConfig, RetNetForCausalLM
+from retnet_hf.model.modeling_retnet import NATIVE_RECURRENT_CACHE
 
 from conftest import cache_of
 
@@ -252,6 +253,26 @@ def test_bench_decode_quick(tmp_path, capsys):
     cache = {(row["model"], row["context"]): row["cache MB"] for row in saved if row["batch"] == 1}
     assert cache[("RetNet", 32)] == cache[("RetNet", 64)]
     assert math.isclose(cache[("Llama", 64)], 2 * cache[("Llama", 32)])
+
+
+@pytest.mark.skipif(not NATIVE_RECURRENT_CACHE, reason="assisted generation of a RetNet needs transformers >= 5.25")
+def test_bench_assisted_quick(tmp_path, capsys):
+    assert assisted.main(["--quick", "--out", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert "| prompt | prompt tokens | way | tokens/s | x plain |" in output
+    rows = json.loads((tmp_path / "assisted.json").read_text())
+    assert [(row["prompt"], row["way"]) for row in rows] == [
+        (prompt, way) for prompt in ("prose", "repetitive") for way in assisted.WAYS
+    ]
+    by_key = {(row["prompt"], row["way"]): row for row in rows}
+    for (prompt, way), row in by_key.items():
+        assert row["same tokens as plain"] is True  # every way gives plain greedy's tokens
+        plain = by_key[(prompt, "plain")]
+        assert plain["target forwards"] == 12  # the prompt, then one token per forward
+        ratios = [p / t for p, t in zip(plain["s by round"], row["s by round"])]
+        assert math.isclose(row["x plain"], statistics.median(ratios))
+    # the quoted half of the repetitive prompt is found: prompt lookup needs fewer forwards of the target
+    assert by_key[("repetitive", "lookup")]["target forwards"] < 12
 
 
 def test_bench_prefill_quick(tmp_path, capsys):

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -23,6 +24,7 @@ from transformers import (
 from transformers.generation import BaseStreamer
 
 from retnet_hf import CACHE_NAME, RetNetCache
+from retnet_hf.model.modeling_retnet import NATIVE_RECURRENT_CACHE
 
 from conftest import cache_of, random_ids, tiny_model
 
@@ -425,25 +427,167 @@ def test_packed_batch_with_different_layouts_per_row(form):
             start += len(doc)
 
 
-# -------------------------------------------------------------------------------- 7. no rollback of a state
+# ------------------------------------------------ 7. rolling a state back: assisted decoding, prompt lookup, crop
+
+native = pytest.mark.skipif(
+    not NATIVE_RECURRENT_CACHE,
+    reason=f"transformers {transformers.__version__} cannot roll a recurrent state back (5.25+ can; the refusal "
+    "before it is tested below and, as remote code, under 4.48 and 5.24 in test_transformers_versions.py)",
+)
+legacy = pytest.mark.skipif(
+    NATIVE_RECURRENT_CACHE,
+    reason=f"transformers {transformers.__version__} rolls recurrent states back (the refusal is for releases "
+    "before 5.25; tested as remote code under 4.48 and 5.24 in test_transformers_versions.py)",
+)
 
 
-def test_assisted_decoding_is_refused():
-    model, assistant = model64(), model64(seed=1)
-    with pytest.raises(ValueError, match="assisted generation is not supported with stateful models"):
-        model.generate(prompt(), assistant_model=assistant, max_new_tokens=4, do_sample=False)
+def draft_model():
+    """A smaller RetNet with the same vocabulary: the assistant."""
+    return model64(seed=1, decoder_layers=1, decoder_embed_dim=16, decoder_value_embed_dim=32)
 
 
-def test_prompt_lookup_decoding_is_refused():
-    with pytest.raises(ValueError, match="stateful"):
-        model64().generate(prompt(), prompt_lookup_num_tokens=3, max_new_tokens=4, do_sample=False)
+def repetitive_prompt(length=15):
+    """A prompt that repeats itself, so that prompt lookup finds drafts and some of them are accepted."""
+    return torch.arange(5, 10).repeat(length // 5 + 1)[:length][None]
 
 
-def test_cache_crop_raises():
+@native
+@pytest.mark.parametrize("num_assistant_tokens", [1, 3, 6])
+@pytest.mark.parametrize("prompt_length", [1, 7, 19])
+def test_assisted_greedy_equals_plain_greedy(num_assistant_tokens, prompt_length):
+    model, assistant = model64(), draft_model()
+    assistant.generation_config.num_assistant_tokens = num_assistant_tokens
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    ids = prompt(length=prompt_length)
+    plain = model.generate(ids, max_new_tokens=16, do_sample=False)
+    with RecordDecoderInputs(model) as calls:
+        assisted = model.generate(ids, assistant_model=assistant, max_new_tokens=16, do_sample=False)
+    assert torch.equal(assisted, plain)
+    assert max(calls.lengths[1:]) > 1  # drafts were verified several tokens at a time, and some rolled back
+
+
+@native
+@pytest.mark.parametrize("lookup", [2, 5])
+def test_prompt_lookup_greedy_equals_plain_greedy(lookup):
+    model = model64()
+    for ids in (repetitive_prompt(), prompt(length=12)):
+        plain = model.generate(ids, max_new_tokens=20, do_sample=False)
+        assert torch.equal(
+            model.generate(ids, prompt_lookup_num_tokens=lookup, max_new_tokens=20, do_sample=False), plain
+        )
+
+
+@native
+@pytest.mark.parametrize("way", ["assistant", "prompt_lookup"])
+def test_assisted_sampling_is_seeded_and_its_cache_continues_exactly(way):
+    """Speculative sampling differs from plain sampling by design; it is reproducible, and the cache it returns holds
+    exactly the state of the tokens it returns (continuing from it equals recomputing them)."""
+    model = model64()
+    extra = dict(assistant_model=draft_model()) if way == "assistant" else dict(prompt_lookup_num_tokens=3)
+    ids = repetitive_prompt()
+    kwargs = dict(do_sample=True, top_k=10, max_new_tokens=12, return_dict_in_generate=True, **extra)
+    first, again = generate(model, ids, seed=3, **kwargs), generate(model, ids, seed=3, **kwargs)
+    assert torch.equal(first.sequences, again.sequences)
+    cache = cache_of(first)
+    assert cache.get_seq_length() == first.sequences.shape[1] - 1  # the last token is not fed yet
+    assert cache.states_to_keep() == 0 and cache.is_compileable  # it records no more
+    continued = model.generate(first.sequences, cache=cache, max_new_tokens=6, do_sample=False)
+    assert torch.equal(continued, model.generate(first.sequences, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+@native
+def test_assisted_greedy_returns_a_cache_that_continues_exactly():
+    model = model64()
+    ids = prompt(length=9)
+    out = model.generate(
+        ids, assistant_model=draft_model(), max_new_tokens=10, do_sample=False, return_dict_in_generate=True
+    )
+    reference = model(out.sequences[:, :-1]).logits
+    history = model(out.sequences[:, -1:], cache=copy.deepcopy(cache_of(out))).logits
+    torch.testing.assert_close(history[:, -1], model(out.sequences).logits[:, -1], **TIGHT)
+    assert cache_of(out).get_seq_length() == reference.shape[1]
+
+
+@native
+def test_assisted_batches_are_refused_by_the_release():
+    """transformers 5.25's assisted decoding takes one prompt at a time; left-padded batches go through plain
+    generate()."""
+    ids, mask = left_pad(ragged_prompts())
+    with pytest.raises(ValueError, match="batch_size = 1"):
+        model64().generate(ids, attention_mask=mask, prompt_lookup_num_tokens=2, max_new_tokens=4, do_sample=False)
+
+
+@native
+@pytest.mark.parametrize("form", FORMS)
+@torch.no_grad()
+def test_crop_returns_to_the_state_before_the_last_tokens(form):
+    """A recording cache keeps the states after each of the last `keep` tokens of a forward (and of each step);
+    crop(-n) returns to the state before the last n, exactly, and frees the record."""
+    model = model64()
+    ids = prompt(batch=1, length=13)
+    cache = cache_of(model(ids[:, :5], use_cache=True))
+    cache.activate_past_recording(recurrent_states_to_keep=4)
+    assert cache.states_to_keep() == 4 and not cache.is_compileable
+    model(ids[:, 5:11], cache=cache, retention_form=form)  # 6 tokens: the states after the last 4 are recorded
+    model(ids[:, 11:12], cache=cache)  # a step records the one before it
+    assert all(len(layer.recurrent_states_history[i]) == 4 for layer in cache.layers for i in (0, 1))
+    with pytest.raises(ValueError, match="at most as many as it recorded"):
+        copy.deepcopy(cache).crop(-5)
+    for n in range(5):
+        cropped = copy.deepcopy(cache)
+        cropped.crop(-n)
+        assert cropped.get_seq_length() == 12 - n
+        assert all(not history for layer in cropped.layers for history in layer.recurrent_states_history.values())
+        expected = cache_of(model(ids[:, : 12 - n], use_cache=True))
+        for (s, scale), (s_ref, scale_ref) in zip(cropped.states, expected.states):
+            torch.testing.assert_close(s, s_ref, **TIGHT)
+            torch.testing.assert_close(scale, scale_ref, **TIGHT)
+        torch.testing.assert_close(
+            model(ids[:, 12 - n : 13 - n], cache=cropped).logits[:, -1], model(ids[:, : 13 - n]).logits[:, -1], **TIGHT
+        )
+
+
+@native
+def test_crop_is_refused_where_nothing_was_recorded():
     model = tiny_model()
     cache = cache_of(model(prompt(length=5), use_cache=True))
-    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
-        cache.crop(3)
+    for n in (-1, 3):
+        with pytest.raises(ValueError, match="rolls back only by a negative number"):
+            cache.crop(n)
+    cache.activate_past_recording(recurrent_states_to_keep=2)
+    with pytest.raises(ValueError, match="rolls back only by a negative number"):
+        cache.crop(2)
+    assert cache.get_seq_length() == 5  # untouched
+
+
+@native
+def test_the_recorded_past_is_bounded_by_the_draft_length():
+    """Recording keeps `keep` states per layer however many tokens pass (a state costs its [H, D, Dv] and [H])."""
+    model = model64()
+    cache = cache_of(model(prompt(batch=1, length=3), use_cache=True))
+    cache.activate_past_recording(recurrent_states_to_keep=3)
+    model(prompt(batch=1, length=20, seed=4), cache=cache)
+    for t in range(10):
+        model(prompt(batch=1, length=1, seed=t), cache=cache)
+    state_bytes = sum(t.numel() * t.element_size() for state in cache.states for t in state)
+    recorded = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for h in layer.recurrent_states_history.values()
+        for t in h
+    )
+    assert recorded == 3 * state_bytes
+
+
+@legacy
+def test_rollback_is_refused_naming_the_release_that_can():
+    model, assistant = model64(), model64(seed=1)
+    for extra in (dict(assistant_model=assistant), dict(prompt_lookup_num_tokens=3)):
+        with pytest.raises(ValueError, match="needs transformers >= 5.25"):
+            model.generate(prompt(), max_new_tokens=4, do_sample=False, **extra)
+    cache = cache_of(model(prompt(length=5), use_cache=True))
+    with pytest.raises(NotImplementedError, match="needs transformers >= 5.25"):
+        cache.crop(-1)
     assert cache.is_croppable is False and cache.is_compileable is False
     assert cache.get_seq_length() == 5  # untouched
 

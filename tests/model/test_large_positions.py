@@ -49,7 +49,7 @@ def test_phases_are_reduced_into_one_turn(dtype):
     """cos and sin come from phases in [0, 2 pi): at position 1e8 they equal those of the exact phase."""
     rel_pos = tiny_model(dtype).model.retnet_rel_pos
     start = 10**8 + 7
-    (cos, sin), _ = rel_pos(start, 2, dtype)
+    (cos, sin), _ = rel_pos(torch.tensor([start, start + 1]), dtype)
     assert cos.dtype == sin.dtype == dtype
     exact = torch.tensor([start, start + 1], dtype=torch.float64)[:, None] * rel_pos.angle.double()[None, :]
     torch.testing.assert_close(cos.double(), exact.cos(), rtol=0, atol=1e-6)

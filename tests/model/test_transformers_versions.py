@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import GenerationConfig, GenerationMixin, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.testing_utils import CaptureLogger
@@ -31,9 +32,22 @@ from retnet_hf import (
     RetNetModel,
     enable_activation_checkpointing,
 )
-from retnet_hf.model.modeling_retnet import GradientCheckpointingLayer, RetNetPreTrainedModel
+from retnet_hf.model.modeling_retnet import (
+    NATIVE_RECURRENT_CACHE,
+    GradientCheckpointingLayer,
+    RetNetPreTrainedModel,
+)
 
-from conftest import BLOCK_PACKAGE, TRANSFORMERS_448_ENV, cache_of, random_ids, run_script, tiny_config, tiny_model
+from conftest import (
+    BLOCK_PACKAGE,
+    TRANSFORMERS_448_ENV,
+    TRANSFORMERS_524_ENV,
+    cache_of,
+    random_ids,
+    run_script,
+    tiny_config,
+    tiny_model,
+)
 
 
 CHUNKED_PREFILL = "prefill_chunk_size" in GenerationConfig().to_dict()  # transformers >= 5
@@ -198,10 +212,18 @@ def test_generate_makes_no_key_value_cache(monkeypatch):
 
 
 def test_the_cache_answers_what_generate_asks():
+    from transformers import cache_utils
+
+    LinearAttentionCacheLayerMixin = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
     model = tiny_model()
     cache = cache_of(model(prompt(length=5), use_cache=True))
-    assert cache.is_linear == [False, False]  # it counts its tokens: generate() feeds only the unseen ones
-    assert cache.is_compileable is False and cache.is_croppable is False
+    if NATIVE_RECURRENT_CACHE:  # transformers' own recurrent layers: no 4D masks, compileable, croppable
+        assert all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
+        assert cache.is_linear == [True, True]
+        assert cache.is_compileable is True and cache.is_croppable is True
+    else:  # before 5.25: counted like a KV cache (generate() feeds only the unseen tokens), no rollback
+        assert cache.is_linear == [False, False]
+        assert cache.is_compileable is False and cache.is_croppable is False
     assert cache.get_seq_length() == 5
     cache.reorder_cache(torch.tensor([1, 0]))
     assert cache.get_seq_length() == 5
@@ -315,6 +337,23 @@ returned, history = getattr(first, CACHE), first.sequences
 compare("continued_from_generate", lambda use_cache, **kw: model.generate(
     history, **({CACHE: returned} if use_cache else {}), use_cache=use_cache, do_sample=False, **new, **kw))
 
+# assisted generation and prompt lookup: plain greedy's tokens where the release rolls a recurrent state back,
+# a refusal that says so before it
+draft = AutoModelForCausalLM.from_pretrained("draft", trust_remote_code=True).double().eval()
+draft.generation_config.eos_token_id = None
+repetitive = torch.arange(5, 10).repeat(3)[None]
+
+def assisted(inputs, **kwargs):
+    try:
+        out = model.generate(inputs, max_new_tokens=10, do_sample=False, **kwargs)
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    plain = model.generate(inputs, max_new_tokens=10, do_sample=False)
+    return {"same_tokens": bool(torch.equal(out, plain))}
+
+report["assisted"] = assisted(ids[:1], assistant_model=draft)
+report["prompt_lookup"] = assisted(repetitive, prompt_lookup_num_tokens=3)
+
 # float32: per-step logits of greedy decoding within 1e-5
 model32 = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).float().eval()
 model32.generation_config.eos_token_id = None
@@ -363,24 +402,34 @@ MODES = [
     "continued_from_forward",
     "continued_from_generate",
 ]
-PYTHONS = {"running": lambda: sys.executable, "4.48": lambda: os.environ.get(TRANSFORMERS_448_ENV)}
+PYTHONS = {
+    "running": lambda: sys.executable,
+    "4.48": lambda: os.environ.get(TRANSFORMERS_448_ENV),
+    "5.24": lambda: os.environ.get(TRANSFORMERS_524_ENV),
+}
+PYTHON_ENVS = {"4.48": TRANSFORMERS_448_ENV, "5.24": TRANSFORMERS_524_ENV}
 
 
 @pytest.fixture(scope="module", params=list(PYTHONS))
 def remote_code_report(request, tmp_path_factory):
     python = PYTHONS[request.param]()
     if not python:
-        pytest.skip(f"set {TRANSFORMERS_448_ENV} to a python with transformers 4.48 (CI creates that venv)")
+        pytest.skip(
+            f"set {PYTHON_ENVS[request.param]} to a python with transformers {request.param} (CI creates that venv)"
+        )
     folder = tmp_path_factory.mktemp(f"generation_{request.param}")
     tiny_model(recurrent_chunk_size=4, seed=5).save_pretrained(folder / "model")
+    tiny_model(seed=6, decoder_layers=1, decoder_embed_dim=16, decoder_value_embed_dim=32).save_pretrained(
+        folder / "draft"
+    )
     torch.save(prompt(length=9, seed=1), folder / "inputs.pt")
     from test_generation import left_pad, ragged_prompts
 
     torch.save(left_pad(ragged_prompts()), folder / "padded.pt")
     run_script(python, GENERATION_SCRIPT, folder, timeout=300)
     report = json.loads((folder / "report.json").read_text())
-    if request.param == "4.48":
-        assert report["version"].startswith("4.48"), report["version"]
+    if request.param != "running":
+        assert report["version"].startswith(request.param), report["version"]
     else:
         assert report["version"] == transformers.__version__
     return report
@@ -405,3 +454,37 @@ def test_remote_code_needs_its_generation_hooks(remote_code_report):
     assert remote_code_report["first_cache_with_hook"] == "RetNetCache"
     assert remote_code_report["first_cache_without_hook"] == "NoneType"
     assert remote_code_report["without_no_dynamic_cache"].startswith("TypeError"), remote_code_report
+
+
+@pytest.mark.parametrize("way", ["assisted", "prompt_lookup"])
+def test_remote_code_rolls_back_exactly_or_says_which_release_can(remote_code_report, way):
+    """transformers 5.25+: plain greedy's tokens; 5.x before it: a refusal naming 5.25; 4.48: its own refusal of
+    assisted generation for stateful models. Never an AttributeError."""
+    result, version = remote_code_report[way], Version(remote_code_report["version"])
+    if version >= Version("5.25"):
+        assert result == {"same_tokens": True}
+    elif version >= Version("5"):
+        assert result["error"].startswith("ValueError") and "needs transformers >= 5.25" in result["error"], result
+    else:
+        assert result["error"].startswith("ValueError") and "stateful" in result["error"], result
+
+
+# ------------------------------------------------- 6. the suite fails on a deprecation that reaches this code
+
+
+def test_a_transformers_deprecation_called_from_the_project_fails_the_suite():
+    """transformers attributes a deprecation to its caller; pyproject's filters turn it into an error when the caller
+    is a test or the package, not only when it is transformers itself."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    @deprecate_kwarg("old_name", version="99.0.0", new_name="new_name")
+    def renamed(new_name=None):
+        return new_name
+
+    assert renamed(new_name=1) == 1
+    with pytest.raises(FutureWarning, match="`old_name` is deprecated"):
+        renamed(old_name=1)  # called from this test module
+    package_caller = {"__name__": "retnet_hf.model.modeling_retnet"}
+    exec("def call(function):\n    return function(old_name=1)\n", package_caller)
+    with pytest.raises(FutureWarning, match="`old_name` is deprecated"):
+        package_caller["call"](renamed)  # called from a module of the package

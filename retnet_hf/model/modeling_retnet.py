@@ -28,7 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_retnet import RETENTION_FORMS, RetNetConfig
-from .retention import RETENTION_FUNCTIONS, RetentionState, retention_keeping_states
+from .retention import RETENTION_FUNCTIONS, RetentionState, states_after_tokens
 
 
 # ---------------------------------------------------------------------------------------- transformers versions
@@ -585,22 +585,23 @@ class MultiScaleRetention(nn.Module):
         cos, sin = inputs.rotation
         q = rotate_signed(q, cos, sin, self.rotary_style)
         k = rotate_signed(k, cos, sin, self.rotary_style)
-        form = self.retention_functions[inputs.form]
         common = dict(initial_state=state, valid=inputs.valid, resets=inputs.resets, log_decay=inputs.log_decay)
-        if inputs.states_to_keep:
-            out, state = retention_keeping_states(
-                form, q, k, v, keep=inputs.states_to_keep, normalize=self.retention_normalization, **common
-            )
-        else:
-            out, state = form(
-                q, k, v, output_final_state=inputs.output_final_state, normalize=self.retention_normalization, **common
-            )
-
+        # the states after each of the last tokens, the final one last (first: the recurrent form may update the
+        # incoming state in place)
+        history = states_after_tokens(k, v, keep=inputs.states_to_keep, **common) if inputs.states_to_keep else None
+        out, state = self.retention_functions[inputs.form](
+            q,
+            k,
+            v,
+            output_final_state=inputs.output_final_state and history is None,
+            normalize=self.retention_normalization,
+            **common,
+        )
         out = self.group_norm(out)  # [B, H, T, Dv]
         if out.dtype != g.dtype:
             out = out.to(g.dtype)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
-        return F.silu(g) * out, state
+        return F.silu(g) * out, state if history is None else history
 
 
 class RetNetGLU(nn.Module):

@@ -286,41 +286,44 @@ def recurrent_retention(
     return out, ((s, scale) if output_final_state else None)
 
 
-def retention_keeping_states(
-    form,
-    q: torch.Tensor,
+def states_after_tokens(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    log_decay: torch.Tensor,
     keep: int,
     initial_state: Optional[RetentionState] = None,
     valid: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
-    **kwargs,
-) -> Tuple[torch.Tensor, List[RetentionState]]:
-    """``form`` (one of the three, called with ``kwargs``: ``log_decay``, ``normalize``) over the first ``T - keep`` tokens, then the recurrent
-    form token by token over the last ``keep`` (``1 <= keep <= T``): the output ``[B, H, T, Dv]`` and the states
-    after each of those tokens, the final state last. A cache that may roll back to one of them (assisted
-    decoding's rejected draft tokens) records them; each is a tensor of its own."""
-    length = q.shape[2]
-    head = length - keep
-    (q0, q1), (k0, k1), (v0, v1) = (x.split([head, keep], dim=2) for x in (q, k, v))
-    (valid0, valid1), (resets0, resets1) = (
-        (None, None) if x is None else x.split([head, keep], dim=1) for x in (valid, resets)
-    )
-    outputs, states, state = [], [], initial_state
-    if head:
-        out, state = form(q0, k0, v0, initial_state=state, valid=valid0, resets=resets0, **kwargs)
-        outputs.append(out)
-    for t in range(keep):
-        token = (x[:, :, t : t + 1] for x in (q1, k1, v1))
-        valid_t, resets_t = (None if x is None else x[:, t : t + 1] for x in (valid1, resets1))
-        if state is not None:  # the recurrent form may update its incoming state in place
-            state = tuple(x.clone() for x in state)
-        out, state = recurrent_retention(*token, initial_state=state, valid=valid_t, resets=resets_t, **kwargs)
-        outputs.append(out)
-        states.append(state)
-    return torch.cat(outputs, dim=2), states
+) -> List[RetentionState]:
+    """The states after each of the last ``keep`` tokens of ``k``, ``v`` (``1 <= keep <= T``), all at once::
+
+        S'_n = sum_{m <= n} D[n, m] k_m^T v_m  +  gamma^(n+1) S'_0        (unnormalised, rows n of the last keep)
+
+    with ``D`` the parallel form's decay matrix (padding and document boundaries included) and ``S'_0`` the
+    incoming state unnormalised (up to the first reset), each then normalised by its scale. A cache that may roll
+    back to one of them (assisted decoding's rejected draft tokens) records them. Cost per head
+    O(keep * T * Dk * Dv)."""
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    dtype = _compute_dtype(k.dtype)
+    k, v, log_decay = k.to(dtype), v.to(dtype), log_decay.to(dtype)
+    rows = decay_matrix(log_decay, length)[None, :, -keep:, :]  # [1, H, keep, T]
+    position = torch.arange(length - keep + 1, length + 1, device=k.device, dtype=dtype)
+    carry = torch.exp(log_decay[:, None] * position)[None].expand(batch, heads, keep)  # gamma^(n+1)
+    if resets is not None:
+        document = resets.long().cumsum(-1)  # [B, T]
+        rows = rows * (document[:, -keep:, None] == document[:, None, :])[:, None].to(dtype)
+        carry = carry * (document[:, -keep:] == 0)[:, None, :].to(dtype)
+    if valid is not None:
+        rows = rows * valid[:, None, None, :].to(dtype)
+    rows = rows.expand(batch, heads, keep, length)
+    s_raw = (rows[..., None] * k[:, :, None]).transpose(-1, -2) @ v[:, :, None]  # [B, H, keep, Dk, Dv]
+    scale = rows.sum(-1)  # [B, H, keep]
+    s0, scale0 = _unnormalized(initial_state, batch, heads, dk, dv, dtype, k.device)
+    s_raw = s_raw + carry[..., None, None] * s0[:, :, None]
+    scale = scale + carry * scale0[..., None]
+    return [_normalized(s_raw[:, :, i], scale[:, :, i]) for i in range(keep)]
 
 
 # The three forms by name (`RetNetConfig.retention_form`); they share one keyword-only signature, the chunkwise

@@ -371,8 +371,6 @@ def test_bench_finetune_quick(tmp_path, capsys):
     pytest.importorskip("trl")
     from benchmarks import finetune as script
 
-    if not Path(script.DEFAULT_DATA).is_file():
-        pytest.skip(f"{script.DEFAULT_DATA} is not there")
     assert script.main(["--quick", "--out", str(tmp_path), "--bandwidth-mb", "16"]) == 0
     output = capsys.readouterr().out
     assert "CPU:" in output and "measured read bandwidth" in output and "TRL SFTTrainer" in output

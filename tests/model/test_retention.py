@@ -225,3 +225,35 @@ def test_chunkwise_gradient_matches_finite_differences():
         lambda q, k, v: chunkwise_retention(q, k, v, log_decay=log_decay, chunk_size=4, valid=valid, resets=resets)[0],
         inputs,
     )
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("keep", [1, 5, 13])
+def test_states_after_tokens_equal_the_recurrence_token_by_token(mask_kind, with_state, keep):
+    """The states a recording cache keeps (after each of the last `keep` tokens, computed at once) are those the
+    recurrent form reaches token by token, padding, document starts and an incoming state included."""
+    from retnet_hf.model.retention import states_after_tokens
+
+    q, k, v, log_decay, valid, resets = random_inputs(torch.float64, length=13)
+    masks = select(mask_kind, valid, resets)
+    state = None
+    if with_state:
+        _, state = parallel_retention(*random_inputs(torch.float64, length=6, seed=1)[:3], log_decay=log_decay)
+    expected, running = [], state
+    for t in range(13):
+        step = {name: mask[:, t : t + 1] for name, mask in masks.items()}
+        _, running = recurrent_retention(
+            q[:, :, t : t + 1],
+            k[:, :, t : t + 1],
+            v[:, :, t : t + 1],
+            log_decay=log_decay,
+            initial_state=running,
+            **step,
+        )
+        expected.append(tuple(x.clone() for x in running))
+    got = states_after_tokens(k, v, log_decay=log_decay, keep=keep, initial_state=state, **masks)
+    assert len(got) == keep
+    for (s, scale), (s_ref, scale_ref) in zip(got, expected[-keep:]):
+        torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,7 @@ sweep. The Llama's MLP width is chosen so that its parameter count matches the R
 layer included, neither tied; `benchmarks.common.same_size_llama`). Prints the validation losses side by side (a
 markdown table) and saves curves.png, table.md and results.json into --output. `compare(settings)` is the same in Python.
 
-  python -m benchmarks.compare_with_transformer                  # ../shared/data/tinyshakespeare.txt, defaults
+  python -m benchmarks.compare_with_transformer                  # the package's Tiny Shakespeare sample, defaults
   python -m benchmarks.compare_with_transformer --text my.txt --steps 600 --lrs 1e-3,3e-3
   python -m benchmarks.compare_with_transformer --quick          # tiny models and text, seconds (for the tests)
 """
@@ -26,18 +26,19 @@ import torch
 from retnet_hf.data import load_texts, save_tokenizer, token_blocks, train_tokenizer
 from retnet_hf.errors import UsageError
 from retnet_hf.options import add_settings_options, settings_from_args
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 
 from .common import same_size_llama
-
-
-DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @dataclass
 class ComparisonSettings:
     """One comparison's settings; the command line's options are made from these fields."""
 
-    text: str = field(default=str(DEFAULT_TEXT), metadata=dict(help="any text file (default tinyshakespeare.txt)"))
+    text: str = field(
+        default=str(SHAKESPEARE_TRAIN),
+        metadata=dict(help="any text file (default: the package's 400,000 characters of Tiny Shakespeare)"),
+    )
     output_dir: str = field(
         default="comparison", metadata=dict(flag="--output", help="folder for curves.png, table.md, results.json")
     )

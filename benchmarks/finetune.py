@@ -8,7 +8,7 @@ The run is the package's own `retnet-hf sft` (`retnet_hf.finetuning`: its data l
 parser and `fit_to_max_length`, model loading, PEFT `LoraConfig`, `SFTConfig` and `SFTTrainer`), once per
 (model, method, max length) and round, each in its own process so that the peak memory is its own. Both models get
 the same tokenizer (a byte-level BPE trained here, with `retnet_hf.data.train_tokenizer`, on the rows themselves;
-nothing is downloaded), the same rows (`--data`, default ../shared/data/guanaco-llama2-1k.parquet), packing into
+nothing is downloaded), the same rows (`--data`, default the package's 300 guanaco rows), packing into
 padding-free rows of at most `max length` tokens, batch, steps, learning rate and seed. LoRA rank 16 (alpha 32,
 dropout 0.05) on RetNet's `LORA_TARGET_MODULES` and on Llama's q, k, v, o, gate, up and down projections; QLoRA
 loads the saved folder with bitsandbytes 4-bit nf4 (double quantization, `retnet_hf.finetuning.load_model`). The
@@ -46,6 +46,8 @@ from typing import List
 import torch
 from transformers import TrainerCallback
 
+from retnet_hf.sample_data import GUANACO
+
 from .common import (
     add_common_arguments,
     format_table,
@@ -61,7 +63,7 @@ from .common import (
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-DEFAULT_DATA = str(REPOSITORY.parent / "shared" / "data" / "guanaco-llama2-1k.parquet")
+DEFAULT_DATA = str(GUANACO)
 
 MODELS = ("RetNet", "Llama")
 

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import EvalSettings
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate a model folder with lm-eval (local tasks from ../shared/data, or lm-eval's own)"
+        "eval",
+        help="evaluate a model folder with lm-eval (local tasks from the package's sample data, or lm-eval's own)",
     )
     add_settings_options(evaluate, EvalSettings)
     evaluate.set_defaults(func=cmd_eval)

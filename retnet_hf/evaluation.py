@@ -15,17 +15,18 @@ config names a limit (a Llama) keeps lm-eval's own reading. The config does not 
 read `max_position_embeddings` as a real one (generate() caps its default length by it, servers size their
 schedulers by it, lm-eval's `batch_size=auto` probes a batch of that many tokens).
 
-The local tasks (`write_local_tasks`) are built from the project's shared data (`../shared/data`, never copied into
-the package): JSON-lines documents and lm-eval task YAMLs (`dataset_path: json`, `dataset_kwargs.data_files`), all
-tagged `retnet_hf_local`:
+The local tasks (`write_local_tasks`) are built from the data the package ships (`retnet_hf.sample_data`, or
+`--data-dir` with files of the same names): JSON-lines documents and lm-eval task YAMLs (`dataset_path: json`,
+`dataset_kwargs.data_files`), all tagged `retnet_hf_local`:
 - `shakespeare_next_line` (multiple_choice, acc / acc_norm): the speaker and a few lines of a speech, then the true
   next line among three other lines of the same text (none of them a speech's first line);
 - `shakespeare_perplexity` (loglikelihood_rolling: word and byte perplexity, bits per byte): passages of about
   2,000 characters;
 - `guanaco_generate` (generate_until, chrF): single-turn guanaco questions in the chat format of `retnet-hf sft`
   (`### Human: q### Assistant:`), 32 greedy tokens, stopped at the next `### Human:`.
-The Shakespeare tasks use only the text after character `HELD_OUT_FROM` of tinyshakespeare.txt: a model trained on
-the first `HELD_OUT_FROM` characters (`benchmarks.compare_with_transformer --max-chars 1000000`) has not seen them.
+The Shakespeare tasks use only the held-out part of Tiny Shakespeare (its text after character 1,000,000): a model
+trained on `sample_data`'s training file, or on the first 1,000,000 characters of the whole corpus
+(`benchmarks.compare_with_transformer --max-chars 1000000`), has not seen it.
 """
 
 import json
@@ -35,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+from . import sample_data
 from .errors import UsageError, require
 from .options import positive_int
 
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHAKESPEARE_FILE = "tinyshakespeare.txt"
-GUANACO_FILE = "guanaco-llama2-1k.parquet"
-HELD_OUT_FROM = 1_000_000  # characters of tinyshakespeare.txt (1,115,394 in all) before the held-out text
+DEFAULT_DATA_DIR = sample_data.FOLDER
+SHAKESPEARE_FILE = sample_data.SHAKESPEARE_HELD_OUT.name  # play text held out from training
+GUANACO_FILE = sample_data.GUANACO.name  # chat rows in the Llama-2 form
 
 LOCAL_TAG = "retnet_hf_local"
 NEXT_LINE, PERPLEXITY, GENERATE = "shakespeare_next_line", "shakespeare_perplexity", "guanaco_generate"
@@ -134,11 +135,7 @@ class EvalSettings:
 
 
 def _held_out_shakespeare(data_dir: Path) -> str:
-    text = _read_data(data_dir, SHAKESPEARE_FILE).read_text(encoding="utf-8")
-    start = text.find("\n\n", HELD_OUT_FROM)
-    if start < 0:
-        raise UsageError(f"{data_dir / SHAKESPEARE_FILE}: shorter than {HELD_OUT_FROM:,} characters")
-    return text[start + 2 :]
+    return _read_data(data_dir, SHAKESPEARE_FILE).read_text(encoding="utf-8")
 
 
 def _read_data(data_dir: Path, name: str) -> Path:

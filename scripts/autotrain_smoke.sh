@@ -10,7 +10,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python}"                    # the project's interpreter (transformers 5.x, retnet_hf installed)
 VENV="${AUTOTRAIN_VENV:-/tmp/venv-autotrain}"
 WORK="${1:-$(mktemp -d /tmp/autotrain-smoke.XXXXXX)}"
-DATA="$ROOT/../shared/data/guanaco-llama2-1k.parquet"
+DATA="$ROOT/retnet_hf/sample_data/guanaco-llama2-300.parquet"  # the package's sample chat rows
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -x "$VENV/bin/autotrain" ]; then

@@ -114,7 +114,6 @@ def assert_saved_folder(folder: Path):
 REPO_ROOT = Path(retnet_hf.__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the benchmarks (not installed) are tested too: `import benchmarks.decode`
     sys.path.insert(0, str(REPO_ROOT))
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real text the project did not write (its README)
 
 # `retnet-hf train` at test size: the tiny preset, a 300-token tokenizer, 4 blocks of 64 tokens per step
 TINY_TRAIN = ["--preset", "tiny", "--vocab-size", "300", "--block-size", "64", "--batch-size", "4"]

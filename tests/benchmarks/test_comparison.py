@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+SHAKESPEARE = SHAKESPEARE_TRAIN
 
 
 def load_script():

@@ -51,8 +51,6 @@ def test_the_run_times_each_configurations_two_models_back_to_back_in_rounds(tmp
     the table's ratio comes from the rounds (the processes are replaced by scripted rows)."""
     pytest.importorskip("peft")
     pytest.importorskip("trl")
-    if not finetune.Path(finetune.DEFAULT_DATA).is_file():
-        pytest.skip(f"{finetune.DEFAULT_DATA} is not there")
     calls = []
     speeds = {"RetNet": iter([1.0, 4.0, 1.0, 4.0]), "Llama": iter([2.0, 5.0, 2.0, 5.0])}  # drift after round 1
 

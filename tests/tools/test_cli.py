@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from retnet_hf.cli import main
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 
-from conftest import SHARED_DATA, TINY_TRAIN
+from conftest import TINY_TRAIN
 
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+SHAKESPEARE = SHAKESPEARE_TRAIN
 
 
 @pytest.fixture(scope="module")

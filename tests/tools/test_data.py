@@ -1,7 +1,7 @@
 """retnet_hf.data: text files that cannot be read give a UsageError naming them; the Llama-2 chat parser on rows
 that fooled the old regex; what sft's --max-length cuts and drops, counted before training as SFTTrainer cuts.
 
-Tiny tokenizers trained here on rows of ../shared/data/guanaco-llama2-1k.parquet; nothing trains.
+Tiny tokenizers trained here on the guanaco rows of the package's sample data; nothing trains.
 """
 
 import json
@@ -23,18 +23,13 @@ from retnet_hf.data import (
     train_tokenizer,
 )
 from retnet_hf.errors import UsageError
+from retnet_hf.sample_data import GUANACO as PARQUET
 
-from conftest import SHARED_DATA, tiny_config
-
-
-PARQUET = SHARED_DATA / "guanaco-llama2-1k.parquet"
-needs_parquet = pytest.mark.skipif(not PARQUET.is_file(), reason=f"{PARQUET} is missing (the shared data folder)")
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def llama_rows():
-    if not PARQUET.is_file():
-        pytest.skip(f"{PARQUET} is missing (the shared data folder)")
     import pandas as pd
 
     return list(pd.read_parquet(PARQUET)["text"])

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
+
+from conftest import REPO_ROOT
 
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+SHAKESPEARE = SHAKESPEARE_TRAIN
 
 STEPS, BATCH, BLOCK = 6, 4, 32
 

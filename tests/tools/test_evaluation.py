@@ -11,7 +11,6 @@ import torch
 from retnet_hf.cli import main
 from retnet_hf.evaluation import (
     GENERATE,
-    HELD_OUT_FROM,
     LOCAL_TAG,
     LOCAL_TASKS,
     NEXT_LINE,
@@ -24,16 +23,12 @@ from retnet_hf.evaluation import (
     write_local_tasks,
 )
 from retnet_hf.loading import load_causal_lm, load_tokenizer
-
-from conftest import SHARED_DATA
+from retnet_hf.sample_data import SHAKESPEARE_HELD_OUT, SHAKESPEARE_TRAIN
 
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'retnet-hf[eval]')")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-
-
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +44,7 @@ def trained(tmp_path_factory):
     """A tiny RetNet trained for 12 steps on the first 60,000 characters by `retnet-hf train`."""
     root = tmp_path_factory.mktemp("eval_run")
     text = root / "shakespeare.txt"
-    text.write_text(SHAKESPEARE.read_text()[:60_000])
+    text.write_text(SHAKESPEARE_TRAIN.read_text()[:60_000])
     out = root / "model"
     settings = "--preset tiny --vocab-size 300 --block-size 64 --batch-size 4 --max-steps 12 --eval-steps 6"
     assert (
@@ -60,7 +55,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    return write_local_tasks(tmp_path_factory.mktemp("tasks"), SHARED_DATA)
+    return write_local_tasks(tmp_path_factory.mktemp("tasks"))  # from the package's sample data
 
 
 def documents(tasks, name):
@@ -88,8 +83,7 @@ class ForwardCalls:
 
 
 def test_local_tasks_are_held_out_shakespeare_and_guanaco_prompts(tasks):
-    text = SHAKESPEARE.read_text()
-    seen, held_out = text[:HELD_OUT_FROM], text[HELD_OUT_FROM:]
+    seen, held_out = SHAKESPEARE_TRAIN.read_text(), SHAKESPEARE_HELD_OUT.read_text()
     questions = documents(tasks, NEXT_LINE)
     assert len(questions) == 200 and len({q["label"] for q in questions}) == 4
     for question in questions:
@@ -245,6 +239,36 @@ def test_eval_command_refuses_clearly(trained, tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert main(["eval", str(trained), "--data-dir", str(tmp_path)]) == 2
-    assert "tinyshakespeare.txt: no such file" in capsys.readouterr().err
+    assert "tinyshakespeare-heldout.txt: no such file" in capsys.readouterr().err
     assert main(["eval", str(trained), "--tasks-dir", str(tmp_path / "missing")]) == 2
     assert "no such task folder" in capsys.readouterr().err
+
+
+def test_eval_runs_from_an_installed_wheel_with_no_data_arguments(trained, tmp_path):
+    """A non-editable install carries the local tasks' data: the package is built as a wheel, installed into a
+    folder of its own, and `retnet-hf eval` runs from there in a process that cannot see this repository."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    dist, site = tmp_path / "dist", tmp_path / "site"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO_ROOT)]
+    subprocess.run(build, check=True, capture_output=True, timeout=600)
+    (wheel,) = dist.glob("retnet_hf-*.whl")
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=600)
+    env = subprocess_env(tmp_path)
+    env["PYTHONPATH"] = str(site)  # first on the path: the wheel's retnet_hf, not the editable checkout
+    script = (
+        "import sys, retnet_hf\n"
+        f"assert retnet_hf.__file__.startswith({str(site)!r}), retnet_hf.__file__\n"
+        "from retnet_hf.cli import main\n"
+        f"sys.exit(main(['eval', {str(trained)!r}, '--limit', '2', '--output', 'results.json']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(LOCAL_TASKS) <= set(results["results"])

@@ -1,6 +1,6 @@
 """Fine-tuning: PEFT LoRA / QLoRA / 8-bit, TRL's SFTTrainer, packing, and `retnet-hf sft`, on tiny models.
 
-Every training path runs real optimiser steps on the CPU, on rows of ../shared/data/guanaco-llama2-1k.parquet
+Every training path runs real optimiser steps on the CPU, on the guanaco rows of the package's sample data
 converted to the guanaco form, with a tokenizer trained here.
 """
 
@@ -39,17 +39,13 @@ from retnet_hf.finetuning import (  # noqa: E402
     prepare_for_kbit,
     sft,
 )  # noqa: E402
+from retnet_hf.sample_data import GUANACO as PARQUET  # noqa: E402
 
-from conftest import SHARED_DATA, tiny_config  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 
-DATA = SHARED_DATA
-PARQUET = DATA / "guanaco-llama2-1k.parquet"
 PROJECTIONS = set(LORA_TARGET_MODULES)
 WIDTHS = dict(decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_ffn_embed_dim=128)
-
-pytestmark = pytest.mark.skipif(not PARQUET.is_file(), reason=f"{PARQUET} is missing (the shared data folder)")
-
 
 # ---------------------------------------------------------------- fixtures
 

@@ -1,7 +1,10 @@
 """The import graph of the package points down: the tools import the model, never the other way, and no two
-modules import each other (directly or round a cycle). The benchmarks are not part of the package."""
+modules import each other (directly or round a cycle). The benchmarks are not part of the package. A clone works
+on its own: no file reads data from beside it, none is over 1 MiB, and the sample data is package data."""
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 import retnet_hf
@@ -76,3 +79,68 @@ def test_the_vllm_plugin_imports_the_model_and_no_tool():
                 assert not (node.module or "").startswith("retnet_hf"), f"{path.name}: import it relatively"
             elif isinstance(node, ast.Import):  # `import retnet_hf` registers the config with the Auto classes
                 assert all(a.name == "retnet_hf" or not a.name.startswith("retnet_hf") for a in node.names)
+
+
+# ------------------------------------------------------------------------------- a clone that works on its own
+
+REPOSITORY = PACKAGE.parent
+# where the project was first built, data sat in a folder beside the clone; no file may read from there
+OUTSIDE_DATA = re.compile(
+    "|".join([re.escape(".." + "/shared"), r"[\"']shared[\"']\s*/\s*[\"']data", "shared" + "/data"])
+)
+
+
+def repository_files() -> list:
+    """The files a clone has: git's list where this is a checkout, else every file outside venvs and caches."""
+    try:
+        names = (
+            subprocess.run(["git", "ls-files", "-z"], cwd=REPOSITORY, capture_output=True, check=True, timeout=60)
+            .stdout.decode()
+            .split("\0")
+        )
+        return [REPOSITORY / name for name in names if name and (REPOSITORY / name).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        skip = re.compile(r"^(\.venv|\.git|build|dist|.*\.egg-info|__pycache__|\.pytest_cache)")
+        return [
+            path
+            for path in REPOSITORY.rglob("*")
+            if path.is_file() and not any(skip.match(part) for part in path.relative_to(REPOSITORY).parts)
+        ]
+
+
+def test_nothing_reads_data_from_beside_the_clone():
+    files = repository_files()
+    assert any(path.name == "run" and path.parent.name == ".ci" for path in files)  # the listing was read at all
+    offenders = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        offenders += [
+            f"{path.relative_to(REPOSITORY)}:{number}: {line.strip()}"
+            for number, line in enumerate(text.splitlines(), 1)
+            if OUTSIDE_DATA.search(line)
+        ]
+    assert offenders == [], "read from the package's sample data (retnet_hf.sample_data) instead:\n" + "\n".join(
+        offenders
+    )
+
+
+def test_the_repository_holds_no_file_over_a_megabyte():
+    large = [
+        f"{p.relative_to(REPOSITORY)}: {p.stat().st_size:,} bytes"
+        for p in repository_files()
+        if p.stat().st_size > 2**20
+    ]
+    assert large == []
+
+
+def test_the_sample_data_is_in_the_package():
+    from retnet_hf import sample_data
+
+    for path in (sample_data.SHAKESPEARE_TRAIN, sample_data.SHAKESPEARE_HELD_OUT, sample_data.GUANACO):
+        assert path.is_file() and path.parent == PACKAGE / "sample_data"
+        assert path.name in (PACKAGE / "sample_data" / "README.md").read_text()  # its origin and licence beside it
+    train, held_out = sample_data.SHAKESPEARE_TRAIN.read_text(), sample_data.SHAKESPEARE_HELD_OUT.read_text()
+    assert held_out[:2000] not in train and len(train) == 399_862 and len(held_out) == 115_320

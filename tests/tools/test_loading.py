@@ -9,13 +9,14 @@ import torch
 
 from retnet_hf.cli import main
 from retnet_hf.data import save_tokenizer, train_tokenizer
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:20_000]
+    text = SHAKESPEARE_TRAIN.read_text()[:20_000]
     return train_tokenizer(text.split("\n\n"), 300)
 
 
@@ -56,7 +57,7 @@ def commands_on(folder, tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"text": "### Human: hi### Assistant: hello"}) + "\n")
     text = tmp_path / "text.txt"
-    text.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:5_000])
+    text.write_text(SHAKESPEARE_TRAIN.read_text()[:5_000])
     return {
         "generate": ["generate", str(folder), "--prompt", "a"],
         "chat": ["chat", str(folder)],

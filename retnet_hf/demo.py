@@ -78,7 +78,8 @@ def run_demo(
             max_steps=max_steps,
             max_seconds=max_seconds,
             eval_steps=50,
-            save_steps=200,
+            save_steps=50,
+            early_stopping_patience=3,  # a small corpus: keep the best evaluated model, not an over-fitted last one
             resume=False,
             overwrite=overwrite,
         )
@@ -100,8 +101,9 @@ def run_demo(
 
     rows = [
         ("model", f"{result.num_parameters / 1e6:.2f}M parameters, folder {output_dir}"),
-        ("training", f"{result.steps} steps in {result.seconds:.0f} s, final train loss {result.train_loss:.3f}"),
-        ("evaluation", f"loss {result.eval_loss:.3f}, perplexity {result.eval_perplexity:.1f}"),
+        ("training", f"{result.steps} steps in {result.seconds:.0f} s, last train loss {result.train_loss:.3f}"),
+        ("kept model", f"step {result.kept_step} (the lowest evaluation loss; evaluated every 50 steps)"),
+        ("evaluation", f"loss {result.eval_loss:.3f}, perplexity {result.eval_perplexity:.1f} (the kept model)"),
         ("chunkwise vs parallel", f"max |diff| / max |logit| = {disagreement['chunkwise']:.1e} ({spans})"),
         ("recurrent vs parallel", f"max |diff| / max |logit| = {disagreement['recurrent']:.1e} ({length} tokens)"),
         (f"decode at {short_context} tokens", f"{short * 1e3:.2f} ms/token"),

@@ -103,6 +103,14 @@ class PretrainSettings(RunSettings):
     )
     eval_steps: int = field(default=100, metadata=dict(parse=positive_int))
     save_steps: int = field(default=200, metadata=dict(parse=positive_int))
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata=dict(
+            parse=positive_int,
+            help="stop once the evaluation loss has not improved for this many evaluations, and keep the model of "
+            "the lowest one (checkpoints every --eval-steps; default: train every step, keep the last)",
+        ),
+    )
     fsdp: bool = field(
         default=False,
         metadata=dict(
@@ -121,6 +129,7 @@ class TrainResult:
     seconds: float
     num_parameters: int
     metrics: dict = field(default_factory=dict)
+    kept_step: Optional[int] = None  # the step whose model was saved (the best evaluated one with early stopping)
 
     @property
     def eval_perplexity(self) -> Optional[float]:
@@ -161,6 +170,10 @@ def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
     num_parameters = model.num_parameters()  # before FSDP shards the weights
     guard = divergence_guard()
     callbacks = [guard, *callbacks] + ([time_budget(s.max_seconds)] if s.max_seconds is not None else [])
+    if s.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=s.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
@@ -184,16 +197,30 @@ def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
         seconds=seconds,
         num_parameters=num_parameters,
         metrics=metrics,
+        kept_step=_kept_step(trainer),
     )
     _save(s, trainer, tokenizer, result, len(eval_set))
     return result
 
 
+def _kept_step(trainer) -> int:
+    """The step of the model the run keeps: the best evaluated checkpoint's when Trainer loaded it at the end, else
+    the last step."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.rsplit("-", 1)[-1])
+    return trainer.state.global_step
+
+
 def _training_arguments(s: PretrainSettings):
     from transformers import TrainingArguments
 
+    keep_best = {}
+    if s.early_stopping_patience is not None:  # Trainer's own: checkpoints at every evaluation, the best reloaded
+        keep_best = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     args = TrainingArguments(
-        **base_training_arguments(s),
+        **{**base_training_arguments(s), **({"save_steps": s.eval_steps} if keep_best else {})},
+        **keep_best,
         per_device_eval_batch_size=s.batch_size,
         warmup_steps=min(s.warmup_steps, s.max_steps // 10),
         weight_decay=0.01,
@@ -265,13 +292,14 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
     if not trainer.is_world_process_zero():
         return
     save_tokenizer(tokenizer, output)
-    plot_loss_curve(trainer.state.log_history, output / "loss.png")
+    plot_loss_curve(trainer.state.log_history, output / "loss.png", kept_step=result.kept_step)
     texts = [os.fspath(t) for t in s.texts]
     summary = {
         "preset": s.preset if s.model is None else None,
         "base_model": s.model,
         "texts": texts,
         "steps": result.steps,
+        "kept_step": result.kept_step,
         **{key: asdict(s)[key] for key in ("block_size", "batch_size", "gradient_accumulation_steps", "learning_rate")},
         "train_loss": result.train_loss,
         "eval_loss": result.eval_loss,
@@ -295,6 +323,9 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
             "parameters": result.num_parameters,
             "tokenizer vocabulary": len(tokenizer),
             "training steps": result.steps,
+            "kept model": None
+            if result.kept_step == result.steps
+            else f"step {result.kept_step}, the lowest evaluation loss (early stopping)",
             "sequence length (tokens)": s.block_size,
             "batch size per device": s.batch_size,
             "processes": args.world_size,

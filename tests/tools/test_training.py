@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from retnet_hf.cli import main
+from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 from retnet_hf.training import RUN_MARKER, checkpoint_problem, claimed_output
-
-from conftest import SHARED_DATA
 
 
 TINY_RUN = ["--vocab-size", "300", "--block-size", "64", "--batch-size", "4", "--eval-steps", "5", "--save-steps", "5"]
@@ -25,7 +24,7 @@ TINY_RUN = ["--vocab-size", "300", "--block-size", "64", "--batch-size", "4", "-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
-    path.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:40_000])
+    path.write_text(SHAKESPEARE_TRAIN.read_text()[:40_000])
     return path
 
 
@@ -217,3 +216,31 @@ def test_a_block_of_one_token_is_refused(tmp_path, text_file, capsys):
         main(train_argv(text_file, tmp_path / "run", "--block-size", "1"))
     assert exit_.value.code == 2
     assert "--block-size: must be an integer >= 2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- early stopping keeps the best model
+
+
+def test_early_stopping_keeps_the_model_of_the_lowest_evaluation_loss(tmp_path):
+    """On a text small enough to over-fit at once, the run stops once the evaluation loss has not improved for
+    `--early-stopping-patience` evaluations; the saved model is the one of the lowest evaluation loss (its own
+    evaluation gives that loss), and the summary, the card and the plot say which step that was."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "small.txt"
+    text.write_text(SHAKESPEARE_TRAIN.read_text()[:6_000])
+    out = tmp_path / "run"
+    argv = train_argv(text, out, "--max-steps", "300", "--lr", "1e-2", "--early-stopping-patience", "2")
+    assert main(argv + ["--eval-fraction", "0.3", "--warmup-steps", "0"]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    evals = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    best = min(evals, key=evals.get)
+    assert summary["steps"] < 300  # it stopped early: the evaluation loss rose after its lowest point
+    assert summary["kept_step"] == best < summary["steps"]
+    assert summary["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    checkpoint = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / f"checkpoint-{best}").state_dict()
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+    assert f"step {best}, the lowest evaluation loss" in (out / "README.md").read_text()

@@ -4,28 +4,38 @@ A push never uploads "the folder". `plan_upload` walks it without following a sy
 repository is made of (the allow-list): `config.json`, `generation_config.json`, the weights the model loads
 (`model.safetensors`, or `model.safetensors.index.json` and the shards it lists; an adapter's
 `adapter_model.safetensors` and `adapter_config.json`), the code `auto_map` needs (and what that code imports), the
-tokenizer files, the model card `README.md`, `loss.png` and `training_summary.json`. Everything else is left out
-and listed with the reason: checkpoints, stray weights the model does not load, dumps, every symlink (one pointing
-out of the folder is flagged; links are never followed), and secret-looking names (`.env`, `token`, keys,
-`credentials*`, anything under `.ssh/`, ...), which are flagged loudly. `--include PATTERN` (`include=`) adds files
-to the allow-list; a secret-looking file goes only where `--include` names its exact path, and is then announced.
+tokenizer files (further chat templates only directly in `additional_chat_templates/`), the model card `README.md`,
+`loss.png` and `training_summary.json`. Everything else is left out and listed with the reason: checkpoints, stray
+weights the model does not load, dumps, every symlink (one pointing out of the folder is flagged; links are never
+followed), every hard link (a file with other names, which may lie outside the folder: flagged like a link out of
+it), and secret-looking names (`.env`, `token`, API keys, `credentials*`, cookies, anything under `.ssh/`, ...;
+matched after normalising the name: case, Unicode look-alikes, invisible characters, separators), which are flagged
+loudly. `--include PATTERN` (`include=`) adds files to the allow-list; a secret-looking file or a hard link goes only
+where `--include` names its exact path, and is then announced.
 
 The plan then has `retnet_hf.model_card.check_folder` find the folder complete (every weight read for NaN and
-infinity) and becomes huggingface_hub `CommitOperationAdd`s, one per chosen file, with the size and sha256 the Hub
-records (`push --dry-run` prints them). `push_plan` creates the repository (`HfApi.create_repo(exist_ok=True)`), the
-branch if a revision is given, and commits those very operations with `HfApi.create_commit`, after checking that no
-planned file changed since it was checked. `push_folder` is `plan_upload` then `push_plan`.
+infinity), reads every file it sends for what its name promises (a `.safetensors` file parses as safetensors, a
+`.json` file as JSON, `tokenizer.json` loads as a tokenizer, a `.jinja` template is UTF-8 text), and sends an index
+only with every shard it names; then it becomes huggingface_hub `CommitOperationAdd`s, one per chosen file, with the
+size and sha256 the Hub records (`push --dry-run` prints them). Every name in the report and the errors is escaped
+(`shown`), so that no file name can hide itself or forge a line of them. `push_plan` creates the repository
+(`HfApi.create_repo(exist_ok=True)`), the branch if a revision is given, and commits those very operations with
+`HfApi.create_commit`, after checking that no planned file changed since it was checked. `push_folder` is
+`plan_upload` then `push_plan`.
 """
 
+import json
 import os
+import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from .errors import UsageError
-from .model_card import WEIGHTS_INDEX, check_folder, code_file_names, weight_file_names
+from .model_card import WEIGHTS_INDEX, absence, check_folder, code_file_names, weight_file_names
 
 
 # What a model repository is made of, besides the weights and code the folder's own files name
@@ -45,9 +55,11 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
 )
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ALLOWED_PATTERNS = ("additional_chat_templates/*.jinja",)  # transformers' further named chat templates
+# transformers' further named chat templates; matched part by part (`*` never crosses "/")
+ALLOWED_PATTERNS = ("additional_chat_templates/*.jinja",)
 
-# Secret-looking names (matched, lower-cased, against each file's own name) and folders (any part of its path).
+# Secret-looking names (matched against each file's own name) and folders (any part of its path), both normalised by
+# `_normalised_name` first: "-", "_", "." and spaces are one separator, so "*api_key*" also stands for "api-key.txt".
 # Nothing in a model repository looks like these; `looks_secret` is tested against every allow-listed name.
 SECRET_NAME_PATTERNS = (
     ".env",
@@ -65,6 +77,11 @@ SECRET_NAME_PATTERNS = (
     "*api_key*",
     "*apikey*",
     "*access_key*",
+    "*private_key*",
+    "keys",
+    "keys.*",
+    "*_keys",
+    "*_keys.*",  # aws_keys.txt, ssh-keys.json; not "monkeys" nor "hotkeys"
     "*credential*",
     "*secret*",
     "*password*",
@@ -93,21 +110,79 @@ SECRET_NAME_PATTERNS = (
     ".htpasswd",
     ".dockercfg",
     "*_history",
+    "*cookie*",
     "service-account*.json",
     "service_account*.json",
 )
 SECRET_FOLDER_NAMES = (".ssh", ".aws", ".gnupg", ".docker", ".kube", ".azure", ".password-store", "gcloud")
 
+# A small table of confusables (after Unicode's confusables.txt): Cyrillic, then Greek lower-case letters that look
+# like Latin ones, mapped to the Latin letter they imitate, so that "t\u043eken" (a Cyrillic o) reads "token"
+_CONFUSABLES = str.maketrans(
+    {
+        "\u0430": "a",  # а
+        "\u0435": "e",  # е
+        "\u043e": "o",  # о
+        "\u0440": "p",  # р
+        "\u0441": "c",  # с
+        "\u0445": "x",  # х
+        "\u0443": "y",  # у
+        "\u043a": "k",  # к
+        "\u0442": "t",  # т
+        "\u0456": "i",  # і
+        "\u0455": "s",  # ѕ
+        "\u0458": "j",  # ј
+        "\u03bf": "o",  # ο
+        "\u03b1": "a",  # α
+        "\u03b5": "e",  # ε
+        "\u03ba": "k",  # κ
+        "\u03c4": "t",  # τ
+        "\u03bd": "v",  # ν
+        "\u03b9": "i",  # ι
+        "\u03c1": "p",  # ρ
+    }
+)
+_SEPARATORS = re.compile(r"[\s._-]+")
+
+
+def _normalised_name(name: str) -> str:
+    """`name` as the secret-name check reads it: Unicode NFKC (fullwidth letters become ASCII), without format
+    characters (zero-width spaces and joiners, direction marks: category Cf), case-folded, look-alike letters made
+    Latin (`_CONFUSABLES`), without whitespace at either end, and every run of "-", "_", "." and whitespace one "_"."""
+    name = unicodedata.normalize("NFKC", name)
+    name = "".join(char for char in name if unicodedata.category(char) != "Cf")
+    name = name.casefold().translate(_CONFUSABLES).strip()
+    return _SEPARATORS.sub("_", name)
+
+
+_SECRET_NAMES = tuple(_normalised_name(pattern) for pattern in SECRET_NAME_PATTERNS)
+_SECRET_FOLDERS = tuple(_normalised_name(name) for name in SECRET_FOLDER_NAMES)
+
 # Folders the Hub refuses to hold files in (huggingface_hub's FORBIDDEN_FOLDERS): never uploaded, even with --include
 HUB_FORBIDDEN_FOLDERS = (".git", ".cache")
 
 
+def shown(path: str) -> str:
+    """`path` as push prints it: as it is where it is printable ASCII with no space at either end, no backslash and
+    no leading quote; else as Python's ascii() writes it (quoted, every control, invisible or non-ASCII character
+    escaped), so that a name can neither hide itself nor forge a line of what push prints."""
+    plain = path.isascii() and path.isprintable() and path == path.strip() and "\\" not in path
+    return path if plain and path[:1] not in ("'", '"') else ascii(path)
+
+
+def _escaped(text: str) -> str:
+    """`text` with every character that is not printable (controls, line breaks, invisible format characters)
+    written as ascii() writes it: for messages that hold names push did not write itself (check_folder's)."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 class IncompleteFolderError(UsageError):
-    """The folder lacks something a shared RetNet model needs; `problems` lists each item."""
+    """The folder lacks something a shared RetNet model needs; `problems` lists each item (any character that is
+    not printable escaped)."""
 
     def __init__(self, folder, problems: List[str]):
         self.folder = Path(folder)
-        self.problems = list(problems)
+        self.problems = [_escaped(problem) for problem in problems]
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         super().__init__(f"{folder} is not ready to share; missing or wrong:\n{lines}")
 
@@ -115,8 +190,9 @@ class IncompleteFolderError(UsageError):
 @dataclass(frozen=True)
 class LeftOut:
     """Something in the folder that push does not upload, and why: a file, a symlink, or a folder (its path ends
-    in "/") none of whose files is part of a model repository. `size` is in bytes (None for a link); `secret`: the
-    name looks like a secret; `outside`: a symlink pointing out of the folder."""
+    in "/") none of whose files is part of a model repository. `path` is the name as it is on disk (print it with
+    `shown`). `size` is in bytes (None for a symlink); `secret`: the name looks like a secret; `outside`: a link that
+    leads, or may lead, out of the folder (a symlink pointing out of it, or a hard link)."""
 
     path: str
     reason: str
@@ -131,9 +207,10 @@ class UploadPlan:
     """What a push of `folder` sends, and what it leaves out.
 
     `operations`: huggingface_hub `CommitOperationAdd`s for exactly the chosen files, in path order, with the size
-    and sha256 the Hub records. `left_out`: everything else, with the reason. `included_secrets`: secret-looking
-    files sent only because `--include` named them exactly. `stamps`: each chosen file's (size, mtime_ns) when it
-    was chosen, for `push_plan` to check that nothing changed since.
+    and sha256 the Hub records. `left_out`: everything else, with the reason. `included_secrets` and
+    `included_links`: secret-looking files and hard links sent only because `--include` named them exactly.
+    `stamps`: each chosen file's (size, mtime_ns) when it was chosen, for `push_plan` to check that nothing changed
+    since.
     """
 
     folder: Path
@@ -141,6 +218,7 @@ class UploadPlan:
     operations: List[Any]
     left_out: List[LeftOut]
     included_secrets: List[str] = field(default_factory=list)
+    included_links: List[str] = field(default_factory=list)
     stamps: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     @property
@@ -161,12 +239,14 @@ class UploadPlan:
 @dataclass(frozen=True)
 class _Entry:
     """One thing found in the folder: a regular "file", a "symlink", an "other" (pipe, socket, device) or an
-    "unreadable" folder. `detail` is a link's target as written, or why a folder could not be listed."""
+    "unreadable" folder. `links`: a file's number of names (more than 1: a hard link); `detail` is a symlink's target
+    as written, or why a folder could not be listed."""
 
     path: str
     kind: str
     size: int = 0
     mtime_ns: int = 0
+    links: int = 1
     detail: str = ""
 
 
@@ -191,7 +271,7 @@ def _scan(root: Path) -> List[_Entry]:
                 visit(Path(child.path), path + "/")
             elif child.is_file(follow_symlinks=False):
                 status = child.stat(follow_symlinks=False)
-                entries.append(_Entry(path, "file", status.st_size, status.st_mtime_ns))
+                entries.append(_Entry(path, "file", status.st_size, status.st_mtime_ns, status.st_nlink))
             else:
                 entries.append(_Entry(path, "other"))
 
@@ -201,13 +281,14 @@ def _scan(root: Path) -> List[_Entry]:
 
 def looks_secret(path: str) -> bool:
     """Whether a relative path looks like it holds a secret: its name matches SECRET_NAME_PATTERNS, or a folder on
-    its way is one of SECRET_FOLDER_NAMES."""
-    parts = [part.lower() for part in PurePosixPath(path).parts]
+    its way is one of SECRET_FOLDER_NAMES, each compared normalised (`_normalised_name`: "T\u043eKEN " and
+    "api-key.txt" look like secrets as "token" and "api_key" do)."""
+    parts = [_normalised_name(part) for part in PurePosixPath(path).parts]
     if not parts:
         return False
-    if any(part in SECRET_FOLDER_NAMES for part in parts[:-1]):
+    if any(part in _SECRET_FOLDERS for part in parts[:-1]):
         return True
-    return any(fnmatchcase(parts[-1], pattern) for pattern in SECRET_NAME_PATTERNS)
+    return any(fnmatchcase(parts[-1], pattern) for pattern in _SECRET_NAMES)
 
 
 def model_repository_files(folder: Union[str, Path]) -> Set[str]:
@@ -231,16 +312,23 @@ def _matches(path: str, pattern: str) -> bool:
     return any(fnmatchcase("/".join(parts[:depth]), pattern) for depth in range(1, len(parts) + 1))
 
 
+def _matches_parts(path: str, pattern: str) -> bool:
+    """fnmatch part by part, as ALLOWED_PATTERNS are matched: `*` stays within one folder ("a/*.jinja" matches
+    "a/x.jinja", not "a/b/x.jinja")."""
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatchcase(part, want) for part, want in zip(parts, wanted))
+
+
 def _symlink_reason(root: Path, entry: _Entry) -> Tuple[str, bool]:
     """Why a symlink is left out, and whether it points out of the folder."""
     try:
         target = (root / entry.path).resolve()
     except (OSError, RuntimeError):  # a loop of links
-        return f"a symlink to {entry.detail} that resolves to nothing (a loop): never followed", False
+        return f"a symlink to {shown(entry.detail)} that resolves to nothing (a loop): never followed", False
     if target != root and root not in target.parents:
-        return f"a symlink to {entry.detail}, outside the folder: never followed", True
+        return f"a symlink to {shown(entry.detail)}, outside the folder: never followed", True
     return (
-        f"a symlink to {target.relative_to(root).as_posix()}: push never follows links "
+        f"a symlink to {shown(target.relative_to(root).as_posix())}: push never follows links "
         "(put a copy of the file in place of the link to upload it)",
         False,
     )
@@ -252,7 +340,7 @@ def _not_a_file(root: Path, entry: _Entry) -> LeftOut:
         reason, outside = _symlink_reason(root, entry)
         return LeftOut(entry.path, reason, secret=looks_secret(entry.path), outside=outside)
     if entry.kind == "unreadable":
-        return LeftOut(entry.path, f"a folder push cannot list ({entry.detail})")
+        return LeftOut(entry.path, f"a folder push cannot list ({_escaped(entry.detail)})")
     return LeftOut(entry.path, "not a regular file (a pipe, socket or device)")
 
 
@@ -270,14 +358,37 @@ def _file_reason(path: str, weights: List[str]) -> Tuple[str, bool]:
     return "not part of a model repository (--include it to upload it anyway)", True
 
 
-def _secret_reason(path: str, patterns: List[str]) -> str:
-    matching = [pattern for pattern in patterns if _matches(path, pattern)]
+def _flagged_reason(entry: _Entry, secret: bool, patterns: List[str]) -> str:
+    """Why a secret-looking file or a hard link is left out."""
+    what = (
+        "secret-looking name"
+        if secret
+        else f"a hard link (one file with {entry.links} names, maybe outside the folder)"
+    )
+    matching = [pattern for pattern in patterns if _matches(entry.path, pattern)]
     if matching:
+        kind = "a secret-looking file" if secret else "a hard link"
         return (
-            f"secret-looking name: not uploaded although --include {matching[0]!r} matches it (a pattern never adds "
-            f"a secret-looking file; name it exactly, --include {path}, only if it is meant to be public)"
+            f"{what}: not uploaded although --include {matching[0]!r} matches it (a pattern never adds {kind}; name "
+            f"it exactly, --include {shown(entry.path)}, only if it is meant to be public)"
         )
-    return "secret-looking name: not uploaded (keep secrets out of model folders)"
+    if secret:
+        return f"{what}: not uploaded (keep secrets out of model folders)"
+    return f"{what}: not uploaded (put a copy of the file in its place to upload it)"
+
+
+def _flagged_problem(entry: _Entry, secret: bool) -> str:
+    """The problem a secret-looking file or a hard link is when the model's own files name it."""
+    name = shown(entry.path)
+    if secret:
+        return (
+            f"{name}: the model needs it but its name looks like a secret; rename it, or pass --include {name} if it "
+            "is meant to be public"
+        )
+    return (
+        f"{name}: a hard link (one file with {entry.links} names, maybe outside the folder), which the model needs; "
+        f"put a copy of the file in its place, or pass --include {name} if it is meant to be public"
+    )
 
 
 def _collapse(left_out: List[Tuple[LeftOut, bool]], uploaded: List[str]) -> List[LeftOut]:
@@ -306,10 +417,16 @@ def _collapse(left_out: List[Tuple[LeftOut, bool]], uploaded: List[str]) -> List
 
 @dataclass
 class _Selection:
+    """The folder's entries sorted: `uploaded`; `left_out`, each with whether it may go into a folder's line;
+    `included_secrets` and `included_links` (sent because --include names them exactly); `problems` that refuse the
+    push, and `refused`, the paths they name."""
+
     uploaded: List[_Entry] = field(default_factory=list)
     left_out: List[Tuple[LeftOut, bool]] = field(default_factory=list)
     included_secrets: List[str] = field(default_factory=list)
+    included_links: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
+    refused: Set[str] = field(default_factory=set)
 
 
 def _select(root: Path, entries: List[_Entry], include: Sequence[str]) -> _Selection:
@@ -321,22 +438,24 @@ def _select(root: Path, entries: List[_Entry], include: Sequence[str]) -> _Selec
     selection = _Selection()
     for entry in entries:
         secret = looks_secret(entry.path)
-        listed = entry.path in allowed or any(fnmatchcase(entry.path, pattern) for pattern in ALLOWED_PATTERNS)
+        linked = entry.kind == "file" and entry.links > 1  # a hard link: its other names may lie outside the folder
+        listed = entry.path in allowed or any(_matches_parts(entry.path, pattern) for pattern in ALLOWED_PATTERNS)
         included = any(_matches(entry.path, pattern) for pattern in patterns)
         forbidden = any(part in HUB_FORBIDDEN_FOLDERS for part in PurePosixPath(entry.path).parts[:-1])
         if entry.kind != "file":
             selection.left_out.append((_not_a_file(root, entry), False))
-        elif secret and entry.path in patterns and not forbidden:  # named exactly: the one way a secret goes
+        elif (secret or linked) and entry.path in patterns and not forbidden:  # named exactly: the one way they go
             selection.uploaded.append(entry)
-            selection.included_secrets.append(entry.path)
-        elif secret:
-            reason = _secret_reason(entry.path, patterns)
-            selection.left_out.append((LeftOut(entry.path, reason, entry.size, secret=True), False))
+            if secret:
+                selection.included_secrets.append(entry.path)
+            if linked:
+                selection.included_links.append(entry.path)
+        elif secret or linked:
+            reason = _flagged_reason(entry, secret, patterns)
+            selection.left_out.append((LeftOut(entry.path, reason, entry.size, secret=secret, outside=linked), False))
             if listed:  # the model's own files name it (auto_map, the index): the folder cannot go as it is
-                selection.problems.append(
-                    f"{entry.path}: the model needs it but its name looks like a secret; rename it, or pass "
-                    f"--include {entry.path} if it is meant to be public"
-                )
+                selection.problems.append(_flagged_problem(entry, secret))
+                selection.refused.add(entry.path)
         elif (listed or included) and not forbidden:
             selection.uploaded.append(entry)
         else:
@@ -355,6 +474,101 @@ def _require_matches(root: Path, entries: List[_Entry], patterns: List[str]) -> 
             )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# What the chosen files hold
+
+
+def _read_by_check_folder(root: Path) -> Set[str]:
+    """The files `check_folder` reads in full, whose contents need no second look: config.json,
+    generation_config.json and the weights the model loads (the index and its shards)."""
+    return {"config.json", "generation_config.json"} | set(weight_file_names(root))
+
+
+def _content_problem(root: Path, path: str) -> Optional[str]:
+    """What is wrong with the contents of the file at `path` for what its name promises, or None: a `.safetensors`
+    file must parse as safetensors (its header and tensor names are read), a `.json` file as JSON (UTF-8), a
+    `tokenizer.json` must load as a tokenizer, and a `.jinja` template must be UTF-8 text."""
+    file, lower = root / path, path.lower()
+    name = shown(path)
+    try:
+        if lower.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as weights:
+                    weights.keys()
+            except Exception as error:  # safetensors' own error: a bad header, a truncated file, not safetensors
+                return f"{name}: not a safetensors file ({_escaped(str(error))})"
+        elif lower.endswith(".json"):
+            try:
+                json.loads(file.read_bytes().decode("utf-8"))
+            except ValueError as error:  # not UTF-8, or not JSON
+                return f"{name}: not valid JSON ({error})"
+            if PurePosixPath(path).name == "tokenizer.json":
+                from transformers import PreTrainedTokenizerFast
+
+                try:
+                    PreTrainedTokenizerFast(tokenizer_file=str(file))
+                except Exception as error:  # the tokenizers library refusing it
+                    return f"{name}: does not load as a tokenizer ({_escaped(str(error))})"
+        elif lower.endswith(".jinja"):
+            try:
+                file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"{name}: not UTF-8 text ({error})"
+    except OSError as error:
+        return f"{name}: cannot be read ({error.strerror})"
+    return None
+
+
+def _index_shard_names(root: Path) -> List[str]:
+    """The shard names model.safetensors.index.json's weight_map lists, sorted; a ValueError for an index that is
+    not JSON (a JSONDecodeError or UnicodeDecodeError) or has no such map."""
+    index = json.loads((root / WEIGHTS_INDEX).read_bytes().decode("utf-8"))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ValueError("no weight_map from tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+def _index_problems(root: Path, selection: _Selection, checked: Set[str]) -> List[str]:
+    """Where the upload holds model.safetensors.index.json: each shard it names that the upload does not hold (an
+    index goes only with every shard it names). Missing shards of the index the model loads are check_folder's."""
+    uploaded = {entry.path for entry in selection.uploaded}
+    if WEIGHTS_INDEX not in uploaded:
+        return []
+    try:
+        shards = _index_shard_names(root)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []  # not JSON at all: the contents check says so
+    except (OSError, ValueError) as error:
+        return [f"{WEIGHTS_INDEX}: not a valid index ({error})"]
+    reasons = {item.path: item.reason for item, _ in selection.left_out}
+    problems = []
+    for shard in shards:
+        if shard in uploaded or shard in selection.refused:
+            continue
+        why = absence(root, shard)
+        if why and WEIGHTS_INDEX in checked:
+            continue
+        if why is None and PurePosixPath(shard).as_posix() != shard:  # "./model-1.safetensors": the Hub has no "."
+            why = f"written otherwise than the file {shown(PurePosixPath(shard).as_posix())} (write that in the index)"
+        elif why is None:
+            why = f"left out of the upload ({reasons.get(shard, 'not chosen')})"
+        problems.append(
+            f"{WEIGHTS_INDEX}: the shard {shown(shard)} it names is {why}; an index goes only with every shard it names"
+        )
+    return problems
+
+
+def _upload_problems(root: Path, selection: _Selection) -> List[str]:
+    """What refuses the chosen files besides check_folder: files whose contents are not what their names promise
+    (those check_folder reads are not read again) and an index without every shard it names."""
+    checked = _read_by_check_folder(root)
+    problems = [_content_problem(root, entry.path) for entry in selection.uploaded if entry.path not in checked]
+    return [problem for problem in problems if problem] + _index_problems(root, selection, checked)
+
+
 def upload_files(folder: Union[str, Path], include: Sequence[str] = ()) -> List[str]:
     """The paths (relative, POSIX) of the files a push of `folder` uploads, in upload order (no completeness check)."""
     root = Path(folder).expanduser().resolve()
@@ -366,8 +580,9 @@ def plan_upload(folder: Union[str, Path], include: Sequence[str] = ()) -> Upload
 
     `include`: further paths or patterns (fnmatch, `*` also matching "/"; a folder stands for what it holds) to
     upload besides the allow-list; a secret-looking file only where a pattern is its exact path. Raises
-    `IncompleteFolderError` for a folder `check_folder` finds incomplete or whose own files name a secret-looking
-    one, and `UsageError` for an --include that matches nothing.
+    `IncompleteFolderError` for a folder `check_folder` finds incomplete, whose own files name a secret-looking one
+    or a hard link, that would send a file whose contents are not what its name promises, or an index without every
+    shard it names; and `UsageError` for an --include that matches nothing.
     """
     from huggingface_hub import CommitOperationAdd
 
@@ -376,7 +591,7 @@ def plan_upload(folder: Union[str, Path], include: Sequence[str] = ()) -> Upload
     if not root.is_dir():
         raise IncompleteFolderError(folder, [f"{folder}: no such folder"])
     selection = _select(root, _scan(root), include)
-    problems = check_folder(root) + selection.problems
+    problems = check_folder(root) + selection.problems + _upload_problems(root, selection)
     if problems:
         raise IncompleteFolderError(folder, problems)
     operations = [
@@ -388,6 +603,7 @@ def plan_upload(folder: Union[str, Path], include: Sequence[str] = ()) -> Upload
         operations=operations,
         left_out=_collapse(selection.left_out, [entry.path for entry in selection.uploaded]),
         included_secrets=selection.included_secrets,
+        included_links=selection.included_links,
         stamps={entry.path: (entry.size, entry.mtime_ns) for entry in selection.uploaded},
     )
 
@@ -402,22 +618,30 @@ def _describe_size(item: LeftOut) -> str:
 
 def left_out_report(plan: UploadPlan) -> List[str]:
     """Lines saying what the push leaves out and why, then warnings naming the secret-looking files and the links
-    out of the folder (none uploaded) and the secret-looking files --include names exactly (uploaded)."""
+    that lead or may lead out of the folder (none uploaded) and the secret-looking files and hard links --include
+    names exactly (uploaded). Every name is `shown` (escaped)."""
     lines = []
     if plan.left_out:
         lines.append(f"left out of the upload ({len(plan.left_out)}):")
-        width = min(40, max(len(item.path) for item in plan.left_out))
+        width = min(40, max(len(shown(item.path)) for item in plan.left_out))
         for item in plan.left_out:
-            flag = "SECRET? " if item.secret else "OUTSIDE " if item.outside else ""
-            lines.append(f"  {item.path:<{width}}  {_describe_size(item)}{flag}{item.reason}")
-    secrets = [item.path for item in plan.left_out if item.secret]
+            flag = ("SECRET? " if item.secret else "") + ("OUTSIDE " if item.outside else "")
+            lines.append(f"  {shown(item.path):<{width}}  {_describe_size(item)}{flag}{item.reason}")
+    secrets = [shown(item.path) for item in plan.left_out if item.secret]
     if secrets:
         lines.append(f"warning: {plan.folder} holds secret-looking files, none uploaded: {', '.join(secrets)}")
-    links = [item.path for item in plan.left_out if item.outside]
+    links = [shown(item.path) for item in plan.left_out if item.outside]
     if links:
-        lines.append(f"warning: {plan.folder} holds links out of it, never followed: {', '.join(links)}")
+        lines.append(
+            f"warning: {plan.folder} holds links that lead or may lead out of it, none uploaded: {', '.join(links)}"
+        )
     for path in plan.included_secrets:
-        lines.append(f"warning: uploading the secret-looking {path}, because --include names it exactly")
+        lines.append(f"warning: uploading the secret-looking {shown(path)}, because --include names it exactly")
+    for path in plan.included_links:
+        lines.append(
+            f"warning: uploading the hard link {shown(path)} (its other names may lie outside the folder), because "
+            "--include names it exactly"
+        )
     return lines
 
 
@@ -446,10 +670,10 @@ def _require_unchanged(plan: UploadPlan) -> None:
         try:
             status = os.lstat(plan.root / path)
         except OSError:
-            changed.append(path)
+            changed.append(shown(path))
             continue
         if not stat.S_ISREG(status.st_mode) or (status.st_size, status.st_mtime_ns) != stamp:
-            changed.append(path)
+            changed.append(shown(path))
     if changed:
         raise UsageError(f"{', '.join(changed)} changed in {plan.folder} after it was checked: run push again")
 
@@ -552,5 +776,6 @@ __all__ = [
     "plan_upload",
     "push_folder",
     "push_plan",
+    "shown",
     "upload_files",
 ]

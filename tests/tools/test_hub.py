@@ -638,3 +638,219 @@ def test_the_weight_scan_reads_every_slice_in_bounded_pieces(folder, tmp_path, m
     assert (
         len(problems) == 1 and f"{with_nan} (1 NaN" in problems[0] and f"{with_inf} (0 NaN, 1 infinite)" in problems[0]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What push checks in the files it sends, and how it names them
+
+
+# a file of the folder, what it is overwritten with, and words the refusal names it with
+NOT_WHAT_THEY_SAY = {
+    "adapter-text": (
+        "adapter_model.safetensors",
+        PRIVATE.encode(),
+        "adapter_model.safetensors: not a safetensors file",
+    ),
+    "tokenizer-bytes": ("tokenizer.json", bytes(range(256)) * 4, "tokenizer.json: not valid JSON"),
+    "tokenizer-json": ("tokenizer.json", b'{"model": 1}', "tokenizer.json: does not load as a tokenizer"),
+    "json": ("special_tokens_map.json", b'{"bos_token": ', "special_tokens_map.json: not valid JSON"),
+    "template": ("chat_template.jinja", b"{{ messages \xff\xfe }}", "chat_template.jinja: not UTF-8 text"),
+    "more-templates": (
+        "additional_chat_templates/tool_use.jinja",
+        b"\xc3\x28{{ tools }}",
+        "additional_chat_templates/tool_use.jinja: not UTF-8 text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_WHAT_THEY_SAY))
+def test_files_that_are_not_what_their_names_say_refuse_the_push(case, folder, tmp_path, capsys):
+    name, content, words = NOT_WHAT_THEY_SAY[case]
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / name).parent.mkdir(exist_ok=True)
+    (broken / name).write_bytes(content)
+    assert check_folder(broken) == []  # present where expected: only reading them tells
+    hub = RecordingHub()
+    with pytest.raises(IncompleteFolderError) as refused:
+        push_folder(broken, "someone/retnet-tiny-test", api=hub)
+    assert hub.calls == [] and len(refused.value.problems) == 1 and refused.value.problems[0].startswith(words)
+    assert main(["push", str(broken), "someone/retnet-tiny-test", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "not ready to share" in err and words in err and PRIVATE not in err
+
+
+def sharded_folder(tmp_path: Path, tokenizer) -> tuple:
+    """A folder whose weights are an index and its shards; the folder and the shard names."""
+    sharded = write_folder(tmp_path / "sharded", tokenizer, max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    return sharded, shards
+
+
+def rename_in_index(folder: Path, shard: str, new: str) -> None:
+    """Point the index's entries for `shard` at `new` (the file itself is left where it is)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {key: new if value == shard else value for key, value in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_an_index_goes_only_with_every_shard_it_names(tmp_path, tokenizer):
+    sharded, shards = sharded_folder(tmp_path, tokenizer)
+    shutil.copy(sharded / shards[0], sharded / "model-old.safetensors")  # a shard the index does not name
+    plan = plan_upload(sharded)
+    assert {"model.safetensors.index.json", *shards} <= set(plan.files) and "model-old.safetensors" not in plan.files
+
+    # named otherwise than the file the upload holds: "./model-...": transformers finds it here, the Hub would not
+    rename_in_index(sharded, shards[-1], "./" + shards[-1])
+    assert check_folder(sharded) == []
+    with pytest.raises(IncompleteFolderError, match=f"the shard ./{shards[-1]} it names is written otherwise"):
+        plan_upload(sharded)
+
+    # a shard where the Hub holds no files: the upload leaves it out
+    (sharded / ".cache").mkdir()
+    (sharded / shards[-1]).rename(sharded / ".cache" / shards[-1])
+    rename_in_index(sharded, "./" + shards[-1], ".cache/" + shards[-1])
+    assert check_folder(sharded) == []
+    with pytest.raises(
+        IncompleteFolderError, match=rf"the shard .cache/{shards[-1]} it names is left out .*under \.cache/"
+    ):
+        plan_upload(sharded)
+
+    # an index sent by --include beside model.safetensors: its shards must go too, and be safetensors files
+    single = tmp_path / "single"
+    shutil.copytree(sharded, single)
+    rename_in_index(single, ".cache/" + shards[-1], shards[-1])
+    shutil.copy(single / shards[0], single / "model.safetensors")
+    with pytest.raises(IncompleteFolderError, match=f"the shard {shards[0]} it names is left out"):
+        plan_upload(single, include=["model.safetensors.index.json"])
+    with pytest.raises(IncompleteFolderError, match=f"the shard {shards[-1]} it names is missing"):
+        plan_upload(single, include=["*.safetensors*"])
+    shutil.copy(single / ".cache" / shards[-1], single / shards[-1])
+    assert {"model.safetensors.index.json", *shards} <= set(plan_upload(single, include=["*.safetensors*"]).files)
+    (single / shards[-1]).write_text(PRIVATE)
+    with pytest.raises(IncompleteFolderError, match=f"{shards[-1]}: not a safetensors file"):
+        plan_upload(single, include=["*.safetensors*"])
+
+
+def test_further_chat_templates_are_only_those_directly_in_their_folder(folder, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(folder, templates)
+    for name in ("tool_use.jinja", "a/b.jinja", "x/y/z.jinja"):
+        (templates / "additional_chat_templates" / name).parent.mkdir(parents=True, exist_ok=True)
+        (templates / "additional_chat_templates" / name).write_text("{{ messages }}")
+    plan = plan_upload(templates)
+    assert [path for path in plan.files if path.startswith("additional_chat_templates/")] == [
+        "additional_chat_templates/tool_use.jinja"
+    ]
+    left_out = {item.path for item in plan.left_out}
+    assert {"additional_chat_templates/a/b.jinja", "additional_chat_templates/x/y/z.jinja"} <= left_out
+
+
+ODD_NAMES = ["evil\x1b[2K\rconfig.json", "line\nbreak.txt", "to\u200bken", "bell\x07.md"]
+
+
+def test_names_are_shown_escaped(folder, tmp_path, capsys):
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    for name in ODD_NAMES:
+        (odd / name).write_text("text")
+
+    def no_raw(text):
+        return not any(char in text for char in "\x1b\r\x07\u200b") and "line\nbreak" not in text
+
+    assert main(["push", str(odd), "someone/retnet-tiny-test", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert no_raw(err) and all(ascii(name) in err for name in ODD_NAMES), err
+    assert f"  {ascii('to' + chr(0x200B) + 'ken')}" in err and "SECRET?" in report_lines(err)["'to\\u200bken'"]
+
+    # a name in a refusal (here check_folder's words: code that auto_map names)
+    config = json.loads((odd / "config.json").read_text())
+    config["auto_map"]["AutoConfig"] = "configuration\x1b[1Aretnet.RetNetConfig"
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompleteFolderError) as refused:
+        plan_upload(odd)
+    assert no_raw(str(refused.value)) and "configuration\\x1b[1Aretnet.py is missing" in str(refused.value)
+    assert main(["push", str(odd), "someone/retnet-tiny-test", "--dry-run"]) == 2
+    assert no_raw(capsys.readouterr().err)
+
+    # a name in the "changed since" refusal
+    from retnet_hf.hub import push_plan
+
+    shutil.copy(folder / "config.json", odd / "config.json")
+    plan = plan_upload(odd, include=["bell\x07.md"])
+    (odd / "bell\x07.md").write_text("changed text")
+    with pytest.raises(UsageError) as changed:
+        push_plan(plan, "someone/retnet-tiny-test", api=RecordingHub())
+    assert no_raw(str(changed.value)) and "'bell\\x07.md' changed in" in str(changed.value)
+
+
+# secret-looking names that only a normalised name tells (each one on its own line of the report)
+DISGUISED_SECRETS = [
+    "api-key.txt",
+    "api_key",
+    "apikey",
+    "API KEY.json",
+    "aws_keys.txt",
+    "keys.json",
+    "cookies.txt",
+    "session-cookie",
+    "token ",
+    " token",
+    "t\u043eken",  # a Cyrillic o
+    "\u0442oken.txt",  # a Cyrillic t
+    "t\u03bfken",  # a Greek omicron
+    "\uff54\uff4f\uff4b\uff45\uff4e",  # fullwidth letters
+    "to\u200bken",  # a zero-width space
+    "\ufefftoken",  # a zero-width no-break space
+    "hf\u2060_token",  # a word joiner
+    "HF-TOKEN.txt",
+    "my.credentials",
+    ".ENV",
+    "\u0455ecret.txt",  # a Cyrillic s
+]
+
+
+def test_secret_names_are_matched_after_normalising_them(folder, tmp_path, capsys):
+    from retnet_hf.hub import looks_secret
+
+    assert [name for name in DISGUISED_SECRETS if not looks_secret(name)] == []
+    assert not looks_secret("monkeys.txt") and not looks_secret("keyboard.md")
+    shown = tmp_path / "disguised"
+    shutil.copytree(folder, shown)
+    for name in DISGUISED_SECRETS:
+        (shown / name).write_text(PRIVATE)
+    plan = plan_upload(shown, include=["*"])  # a broad include adds none of them
+    assert set(plan.files) == COMPLETE
+    assert sorted(item.path for item in plan.left_out if item.secret) == sorted(DISGUISED_SECRETS)
+    assert main(["push", str(shown), "someone/retnet-tiny-test", "--dry-run", "--include=*"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("SECRET?") == len(DISGUISED_SECRETS) and PRIVATE not in err
+
+
+def test_a_hard_link_is_left_out_unless_named_exactly(folder, tmp_path, capsys):
+    linked = tmp_path / "linked"
+    shutil.copytree(folder, linked)
+    outside = tmp_path / "private.txt"
+    outside.write_text(PRIVATE)
+    os.link(outside, linked / "notes.md")  # the same file as one outside the folder
+    plan = plan_upload(linked, include=["*"])
+    assert "notes.md" not in plan.files
+    (item,) = [item for item in plan.left_out if item.path == "notes.md"]
+    assert item.outside and "a hard link" in item.reason and "--include '*' matches it" in item.reason
+    assert main(["push", str(linked), "someone/retnet-tiny-test", "--dry-run", "--include=*"]) == 0
+    err = capsys.readouterr().err
+    assert "OUTSIDE a hard link" in report_lines(err)["notes.md"] and "notes.md" in err.split("warning: ")[-1]
+
+    plan = plan_upload(linked, include=["notes.md"])  # named exactly: sent, and announced
+    assert "notes.md" in plan.files and plan.included_links == ["notes.md"]
+    assert main(["push", str(linked), "someone/retnet-tiny-test", "--dry-run", "--include=notes.md"]) == 0
+    assert "warning: uploading the hard link notes.md" in capsys.readouterr().err
+
+    # a file the allow-list names cannot go as a hard link, nor be left out quietly
+    (linked / "training_summary.json").write_text(json.dumps({"steps": 3}))
+    os.link(linked / "training_summary.json", tmp_path / "summary-elsewhere.json")
+    with pytest.raises(IncompleteFolderError, match="training_summary.json: a hard link"):
+        plan_upload(linked)
+    assert "training_summary.json" in plan_upload(linked, include=["training_summary.json"]).files

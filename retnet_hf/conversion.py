@@ -34,14 +34,11 @@ the umask, as with ``mkdir``.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import pickle
 import re
-import secrets
 import shutil
-import socket
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -54,6 +51,7 @@ from safetensors.torch import save_file
 
 from .model import RetNetConfig, RetNetForCausalLM
 from .model.modeling_retnet import RetNetRelPos
+from .model_folder import staged_folder
 
 
 SOURCE_FORMATS = ("torchscale", "syncdoth", "fla")
@@ -685,6 +683,22 @@ def _check_buffer(name: str, value: torch.Tensor, computed: torch.Tensor) -> Non
         )
 
 
+def _check_weight(name: str, value: torch.Tensor) -> None:
+    """A weight is a floating-point tensor of finite values: an integer one (quantized, or not a weight) or one
+    holding NaN or infinity would load and compute garbage."""
+    if not value.is_floating_point():
+        raise ConversionError(
+            f"{name}: a {str(value.dtype).replace('torch.', '')} tensor where a floating-point weight belongs (a "
+            "quantized checkpoint?); convert the unquantized weights."
+        )
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise ConversionError(
+            f"{name}: {bad:,} of its {value.numel():,} values are NaN or infinite; the source checkpoint is damaged "
+            "(convert an earlier, finite one)."
+        )
+
+
 def _dominant_dtype(counts: Counter) -> Optional[torch.dtype]:
     return counts.most_common(1)[0][0] if counts else None
 
@@ -704,121 +718,6 @@ def _resolve_source(src: Union[str, Path]) -> Path:
                 f"{src}: not a local path, and downloading it from the Hugging Face Hub failed: {error}"
             ) from error
     raise ConversionError(f"{src}: no such file or folder (and not a Hub id of the form owner/name).")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The staging folder: created first, published by one rename, removed on failure (or by a later run, if killed)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _host_tag() -> str:
-    """8 hex digits naming this machine: a pid means something only on the machine that recorded it."""
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
-
-
-def _staging_pattern(out: Path) -> "re.Pattern":
-    """The names of OUT's staging folders: `.OUT.converting-PID-HOST-RANDOM`."""
-    return re.compile(rf"\.{re.escape(out.name)}\.converting-(\d+)-([0-9a-f]{{8}})-[0-9a-f]{{8}}")
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` (on this machine) exists; True when that cannot be told, so nothing is removed."""
-    if os.name == "nt" or pid <= 0:  # os.kill on Windows terminates; pid 0 would be this process group
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # PermissionError: it exists, as another user
-        return True
-    return True
-
-
-def _remove_stale_staging(out: Path, notify: Callable[[str], None]) -> None:
-    """Remove OUT's staging folders whose process is gone (a killed conversion), and say so; leave any other."""
-    try:
-        entries = sorted(out.parent.iterdir())
-    except OSError:
-        return
-    pattern, host = _staging_pattern(out), _host_tag()
-    for entry in entries:
-        if not entry.name.startswith(f".{out.name}.converting-"):
-            continue
-        match = pattern.fullmatch(entry.name)
-        if not match or entry.is_symlink() or not entry.is_dir() or match.group(2) != host:
-            if match or re.fullmatch(rf"\.{re.escape(out.name)}\.converting-[a-z0-9_]{{8}}", entry.name):
-                notify(
-                    f"left {entry} alone: it looks like the staging folder of a conversion into {out.name} on another "
-                    "machine or by an older retnet-hf; remove it if no such conversion is running."
-                )
-            continue
-        pid = int(match.group(1))
-        if _process_alive(pid):
-            notify(f"left {entry} alone: another conversion into {out.name} (process {pid}) seems to be running.")
-            continue
-        try:
-            shutil.rmtree(entry)
-        except OSError as error:
-            notify(f"could not remove {entry}, left by an interrupted conversion (process {pid}): {error}")
-        else:
-            notify(f"removed {entry}, the staging folder of an interrupted conversion into {out.name} (process {pid}).")
-
-
-def _location_error(out: Path, error: OSError) -> ConversionError:
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        return ConversionError(
-            f"{out}: cannot create the output folder: {blocker} is a file, not a folder; choose another output folder."
-        )
-    where = Path(error.filename).parent if error.filename else out.parent
-    return ConversionError(
-        f"{out}: cannot create the output folder: cannot write in {where} ({error.strerror or error}); choose an "
-        f"output folder in a location you can write to, or make {where} writable."
-    )
-
-
-def _remove_if_empty(folders: List[Path]) -> None:
-    for folder in folders:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-@contextmanager
-def _staging(out: Path, notify: Callable[[str], None]) -> Iterator[Path]:
-    """Yield a new staging folder next to OUT (creating OUT's parents), rename it to OUT when the body succeeds;
-    on any failure (Ctrl-C included) remove it and the parents it created. A kill -9 leaves only the staging folder,
-    whose name records this process, for the next conversion into OUT to remove."""
-    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # deepest first
-    temporary = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(out, notify)
-        while temporary is None:
-            name = f".{out.name}.converting-{os.getpid()}-{_host_tag()}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(out.parent / name)  # mode 0o777 less the umask, as mkdir gives (not mkdtemp's 0o700)
-            except FileExistsError:
-                continue
-            temporary = out.parent / name
-        yield temporary
-        try:
-            if out.exists():
-                out.rmdir()  # an empty folder, checked at the start
-            os.replace(temporary, out)
-        except OSError as error:
-            raise ConversionError(
-                f"{out}: cannot put the finished conversion in place ({error.strerror or error}); was {out.name} "
-                "created meanwhile? Choose a new output folder."
-            ) from error
-    except BaseException as error:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
-        _remove_if_empty(created)
-        if temporary is None and isinstance(error, OSError):
-            raise _location_error(out, error) from error
-        raise
 
 
 def _check_new_output(out: Path) -> None:
@@ -870,7 +769,8 @@ def convert_checkpoint(
         raise ConversionError(f"max_shard_size={max_shard_size!r} must be positive.")
     config_fields = dict(_read_json(Path(config_json))) if config_json is not None else {}
     config_fields.update(config_overrides or {})
-    with _staging(out, notify or (lambda message: warnings.warn(f"retnet-hf convert: {message}"))) as temporary:
+    notify = notify or (lambda message: warnings.warn(f"retnet-hf convert: {message}"))
+    with staged_folder(out, "converting", "conversion", notify, ConversionError) as temporary:
         source = _resolve_source(src)
         planners = {"torchscale": _plan_torchscale, "syncdoth": _plan_syncdoth, "fla": _plan_fla}
         if source_format in ("syncdoth", "fla") and not source.is_dir():
@@ -906,8 +806,8 @@ def _write_weights(plan: _Plan, mapping, folder: Path, max_bytes: int) -> None:
                     if ours in BUFFERS:
                         _check_buffer(key, tensor, computed[ours])
                         continue
-                    if tensor.is_floating_point():
-                        dtypes[tensor.dtype] += tensor.numel()
+                    _check_weight(key, tensor)
+                    dtypes[tensor.dtype] += tensor.numel()
                     writer.add(ours, tensor if rows is None else tensor[rows].clone())
                 del tensor
     for name, value in computed.items():  # recomputed from the config, float32 as the model keeps them

@@ -26,23 +26,23 @@ and decay are relative, so the padded rows share one count; decoding steps need 
 The export folder holds the two graphs, `retnet_onnx.json` (names, shapes, special tokens, versions), the source's
 `config.json` and `generation_config.json`, and its tokenizer. Each graph carries its own float32 copy of the
 weights. The graphs are checked against PyTorch on ONNX Runtime before the folder is published; the folder is
-written under a staging name next to OUT (`.OUT.exporting-PID-RANDOM`) and renamed at the end, so a failed export
-leaves no OUT (only a killed one leaves its staging folder). Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
+written under a staging name next to OUT (`.OUT.exporting-PID-HOST-RANDOM`, `model_folder.staged_folder`) and
+renamed at the end, so a failed export leaves no OUT, and a killed one's staging folder is removed by the next export
+into OUT. Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
 
 import json
 import logging
-import os
-import secrets
 import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import UsageError, require
+from .model_folder import staged_folder
 
 
 MANIFEST = "retnet_onnx.json"
@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 GRAPHS = {"prefill": "prefill.onnx", "step": "step.onnx"}
 CHECK_TOLERANCE = 1e-4  # max |ONNX - PyTorch| / max |PyTorch| of the logits in the check before publishing
 COPIED_FILES = ("config.json", "generation_config.json")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # a folder with either has a tokenizer to export
 
 States = List[np.ndarray]  # [state.0, scale.0, state.1, scale.1, ...], the graphs' input order
 
@@ -176,23 +177,19 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _new_staging_folder(out: Path) -> Path:
-    """An empty folder next to `out`, named `.OUT.exporting-PID-RANDOM` (mode as mkdir gives, not mkdtemp's 0o700,
-    since it becomes OUT)."""
-    while True:
-        staging = out.parent / f".{out.name}.exporting-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            staging.mkdir()
-        except FileExistsError:
-            continue
-        return staging
-
-
-def export_onnx(folder: Union[str, Path], out: Union[str, Path], *, check: bool = True) -> Path:
+def export_onnx(
+    folder: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    check: bool = True,
+    notify: Optional[Callable[[str], None]] = None,
+) -> Path:
     """Export the RetNet causal LM in `folder` to a new folder `out` (see the module docstring); returns `out`.
 
-    Raises UsageError when `out` exists, `folder` is not a RetNet model folder, the model cannot be exported
-    (quantized weights), or the graphs disagree with PyTorch on ONNX Runtime (`check`); `out` is then not created.
+    Raises UsageError when `out` exists or cannot be written, `folder` is not a RetNet model folder, its tokenizer
+    files do not load, the model cannot be exported (quantized weights), or the graphs disagree with PyTorch on ONNX
+    Runtime (`check`); `out` is then not created. A killed export's staging folder is removed by the next export
+    into `out` (`notify` hears of it; default: a warning).
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if out.exists() or out.is_symlink():
@@ -213,10 +210,15 @@ def export_onnx(folder: Union[str, Path], out: Union[str, Path], *, check: bool 
     if not isinstance(model, RetNetForCausalLM):
         raise UsageError(f"{folder}: loads as {type(model).__name__}, not RetNetForCausalLM; nothing to export")
     model = model.float().eval()
-    try:
-        tokenizer = load_tokenizer(str(folder))
-    except UsageError:
-        tokenizer = None  # the runner then takes token ids only
+    tokenizer = None  # without one the runner takes token ids only
+    if any((folder / name).exists() for name in TOKENIZER_MARKERS):
+        try:
+            tokenizer = load_tokenizer(str(folder))
+        except UsageError as error:
+            raise UsageError(
+                f"{folder}: its tokenizer does not load ({error}); repair or remove the tokenizer files, or export a "
+                "folder without them (the runner then takes token ids)"
+            ) from error
 
     layers = config.decoder_layers
     prefill, step = _wrappers(model)
@@ -228,10 +230,8 @@ def export_onnx(folder: Union[str, Path], out: Union[str, Path], *, check: bool 
     states = _example_states(config, batch)
     names_in, names_out = state_names(layers), ["logits", *state_names(layers, "next_")]
 
-    created = [path for path in (out.parent, *out.parent.parents) if not path.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_staging_folder(out)
-    try:
+    notify = notify or (lambda message: warnings.warn(f"retnet-hf export-onnx: {message}"))
+    with staged_folder(out, "exporting", "export", notify) as staging:
         _export_graph(
             prefill,
             (ids, mask, count, *states),
@@ -273,15 +273,6 @@ def export_onnx(folder: Union[str, Path], out: Union[str, Path], *, check: bool 
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if check:
             _check_against_pytorch(model, staging)
-        os.rename(staging, out)  # fails rather than replace an OUT created meanwhile (a non-empty one at least)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for path in created:
-            try:
-                path.rmdir()
-            except OSError:
-                break
-        raise
     return out
 
 
@@ -376,6 +367,7 @@ class OnnxRetNet:
             for name, file in self.manifest["graphs"].items()
         }
         self.num_layers = self.manifest["num_layers"]
+        self.vocab_size = self.manifest["vocab_size"]
         self.chunk_size = self.manifest["chunk_size"]
         self.eos_token_id = self.manifest.get("eos_token_id")
         self.pad_token_id = self.manifest.get("pad_token_id")
@@ -405,6 +397,11 @@ class OnnxRetNet:
         return states
 
     def _run(self, graph: str, feed: dict, states: States) -> Tuple[np.ndarray, States]:
+        ids = feed["input_ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            # (ONNX's Gather would read a negative id from the end of the embedding table, and fail on a large one)
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {int(bad.flat[0])}")
         feed.update(zip(self._state_inputs, states))
         logits, *states = self.sessions[graph].run(self._outputs, feed)
         return logits, states

@@ -886,3 +886,25 @@ def test_the_output_folder_gets_the_mode_mkdir_gives(tmp_path, torchscale_model,
         os.umask(previous)
     mode = stat.S_IMODE(out.stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "reference").stat().st_mode) == 0o777 & ~umask, oct(mode)
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "int8"])
+def test_a_weight_that_is_not_finite_floating_point_stops_the_conversion(tmp_path, torchscale_model, capsys, damage):
+    from safetensors.torch import load_file, save_file
+
+    decoder, fields = torchscale_model
+    src = write_syncdoth_folder(decoder, fields, tmp_path / "syncdoth", shards=1)
+    (weights,) = src.glob("*.safetensors")
+    state = load_file(weights)
+    name = "model.layers.0.retention.q_proj.weight"
+    if damage == "int8":
+        state[name] = state[name].to(torch.int8)
+    else:
+        state[name][0, :3] = float(damage)
+    save_file(state, weights)
+    out = tmp_path / "out"
+    assert main(["convert", "--from", "syncdoth", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = "floating-point weight belongs" if damage == "int8" else "3 of its"
+    assert name in err and expected in err and "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["syncdoth"]

@@ -311,6 +311,50 @@ def test_a_failed_export_leaves_neither_out_nor_its_staging_folder(source, tmp_p
     assert list(tmp_path.iterdir()) == []  # the staging folder and the parent folder the export made are gone
 
 
+def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(source, exported, tmp_path, capsys):
+    """What a kill -9 leaves (a staging folder named with its dead process) goes with the next export into OUT."""
+    import subprocess
+    import sys
+
+    from retnet_hf.model_folder import host_tag
+
+    _, folder = source
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.exporting-{int(dead.stdout)}-{host_tag()}-0a1b2c3d"
+    stale.mkdir()
+    (stale / "prefill.onnx").write_bytes(b"half an ONNX file")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(onnx_runtime, "_export_graph", lambda module, args, i, o, path: path.write_bytes(b"x"))
+    monkeypatch.setattr(onnx_runtime, "_check_against_pytorch", lambda model, staging: None)
+    try:
+        assert main(["export-onnx", str(folder), str(tmp_path / "out")]) == 0
+    finally:
+        monkeypatch.undo()
+    assert f"removed {stale}, the staging folder of an interrupted export into out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_tokenizer_that_does_not_load_stops_the_export(source, tmp_path, capsys):
+    import shutil
+
+    _, folder = source
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer.json").write_bytes(b"\x00 not a tokenizer")
+    assert main(["export-onnx", str(broken), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "its tokenizer does not load" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_through_a_file_is_a_message(source, tmp_path, capsys):
+    _, folder = source
+    (tmp_path / "a_file").write_text("x")
+    assert main(["export-onnx", str(folder), str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+
+
 def test_a_graph_that_disagrees_with_pytorch_is_not_published(source, tmp_path, monkeypatch):
     _, folder = source
 
@@ -339,6 +383,14 @@ def test_the_runner_refuses_bad_inputs(runner, tmp_path):
     with pytest.raises(UsageError, match="not an exported RetNet folder"):
         OnnxRetNet(tmp_path)
     assert runner.generate([[5, 6]], max_new_tokens=0).tolist() == [[5, 6]]
+    vocab = runner.vocab_size
+    for bad in (-1, vocab):  # ONNX's Gather would read -1 as the table's last row
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {vocab}\), got {bad}"):
+            runner.prefill(np.array([[5, bad]]))
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            runner.step(np.array([bad]), runner.empty_states(1), 3)
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            runner.generate([[5, bad]], max_new_tokens=2)
 
 
 # -------------------------------------------------------------------------------------------------- benchmark

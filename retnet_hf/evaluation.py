@@ -31,12 +31,12 @@ trained on `sample_data`'s training file, or on the first 1,000,000 characters o
 
 import json
 import random
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from . import sample_data
+from . import model_folder, sample_data
 from .errors import UsageError, require
 from .options import positive_int
 
@@ -155,15 +155,24 @@ def _speeches(text: str) -> List[List[str]]:
     return speeches
 
 
-def next_line_documents(text: str, count: int = 200, context_lines: int = 4, seed: int = 0) -> List[dict]:
+def next_line_documents(
+    text: str, count: int = 200, context_lines: int = 4, seed: int = 0, source: Optional[Path] = None
+) -> List[dict]:
     """Multiple choice: the speaker and up to `context_lines` lines of a speech, then its true next line among
     three other lines of `text` that are not a speech's first line either (drawn with a seeded generator), in a
-    seeded order; `label` is the true one's."""
+    seeded order; `label` is the true one's. A text without such speeches, or with fewer than four different lines
+    to choose from, is a UsageError naming `source`."""
     rng = random.Random(seed)
     speeches = [s for s in _speeches(text) if len(s) >= 3]  # a speaker, a line of context, the line to find
     # distractors from the lines a target can be (not a speech's first line: often a short, common exclamation
     # that a weak model prefers to any longer line)
     pool = [line for speech in speeches for line in speech[2:]]
+    if not speeches or len(set(pool)) < 4:  # three distractors besides any target: else the drawing never ends
+        raise UsageError(
+            f"{source or 'the text'}: {len(speeches)} speeches (a 'NAME:' line, then at least two lines) and "
+            f"{len(set(pool))} different lines to draw choices from; the next-line task needs a play text with at "
+            "least one such speech and four different lines"
+        )
     documents = []
     for speech in speeches[:count]:
         position = rng.randrange(2, len(speech))  # the line to find; lines 1 .. position-1 come before it
@@ -185,9 +194,9 @@ def next_line_documents(text: str, count: int = 200, context_lines: int = 4, see
     return documents
 
 
-def perplexity_documents(text: str, count: int = 40, chars: int = 2000) -> List[dict]:
+def perplexity_documents(text: str, count: int = 40, chars: int = 2000, source: Optional[Path] = None) -> List[dict]:
     """Passages of `text` as it is, each cut at the first speech boundary (a blank line) after `chars`
-    characters, in the order of the text."""
+    characters, in the order of the text; a text too short for one is a UsageError naming `source`."""
     documents, start = [], 0
     while len(documents) < count:
         end = text.find("\n\n", start + chars)
@@ -195,6 +204,11 @@ def perplexity_documents(text: str, count: int = 40, chars: int = 2000) -> List[
             break
         documents.append({"text": text[start:end]})
         start = end + 2
+    if not documents:
+        raise UsageError(
+            f"{source or 'the text'}: no passage of {chars:,} characters ending at a blank line; the perplexity "
+            "task needs a longer text"
+        )
     return documents
 
 
@@ -204,7 +218,11 @@ def generation_documents(data_dir: Path, count: int = 50, max_question_chars: in
     from .data import llama2_messages, render_guanaco
 
     pyarrow_parquet = require("pyarrow.parquet", "eval")
-    rows = pyarrow_parquet.read_table(_read_data(data_dir, GUANACO_FILE), columns=["text"]).column("text").to_pylist()
+    path = _read_data(data_dir, GUANACO_FILE)
+    try:
+        rows = pyarrow_parquet.read_table(path, columns=["text"]).column("text").to_pylist()
+    except Exception as error:  # pyarrow's ArrowInvalid and kin: a damaged or foreign file
+        raise UsageError(f"{path}: cannot read it as a parquet file with a 'text' column: {error}") from error
     documents = []
     for row in rows:
         try:
@@ -217,6 +235,8 @@ def generation_documents(data_dir: Path, count: int = 50, max_question_chars: in
         documents.append({"prompt": prompt, "answer": messages[1]["content"]})
         if len(documents) == count:
             break
+    if not documents:
+        raise UsageError(f"{path}: no single-turn chat row with a question of {max_question_chars} characters at most")
     return documents
 
 
@@ -233,17 +253,19 @@ def _task_config(name: str, data_file: Path, cache_dir: Path, **fields) -> dict:
     }
 
 
-def write_local_tasks(folder: Union[str, Path], data_dir: Union[str, Path] = DEFAULT_DATA_DIR) -> Path:
-    """Write the local tasks' documents (`<task>.jsonl`) and lm-eval configs (`<task>.yaml`, absolute paths) into
-    `folder`, for `TaskManager(include_path=folder)` or `lm_eval --include_path folder`; returns `folder`."""
+def write_local_tasks(
+    folder: Union[str, Path], data_dir: Union[str, Path] = DEFAULT_DATA_DIR, tasks: Sequence[str] = LOCAL_TASKS
+) -> Path:
+    """Write the documents (`<task>.jsonl`) and lm-eval configs (`<task>.yaml`, absolute paths) of the local
+    `tasks` into `folder`, for `TaskManager(include_path=folder)` or `lm_eval --include_path folder`, reading only
+    their own data; returns `folder`."""
     yaml = require("yaml", "eval")
     folder, data_dir = Path(folder).resolve(), Path(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    held_out = _held_out_shakespeare(data_dir)
     mean = {"aggregation": "mean", "higher_is_better": True}
-    tasks = {
-        NEXT_LINE: (
-            next_line_documents(held_out),
+    makers = {
+        NEXT_LINE: lambda: (
+            next_line_documents(_held_out_shakespeare(data_dir), source=data_dir / SHAKESPEARE_FILE),
             dict(
                 output_type="multiple_choice",
                 doc_to_text="{{context}}",
@@ -253,8 +275,8 @@ def write_local_tasks(folder: Union[str, Path], data_dir: Union[str, Path] = DEF
                 metric_list=[{"metric": "acc", **mean}, {"metric": "acc_norm", **mean}],
             ),
         ),
-        PERPLEXITY: (
-            perplexity_documents(held_out),
+        PERPLEXITY: lambda: (
+            perplexity_documents(_held_out_shakespeare(data_dir), source=data_dir / SHAKESPEARE_FILE),
             dict(
                 output_type="loglikelihood_rolling",
                 doc_to_text="",
@@ -266,7 +288,7 @@ def write_local_tasks(folder: Union[str, Path], data_dir: Union[str, Path] = DEF
                 ],
             ),
         ),
-        GENERATE: (
+        GENERATE: lambda: (
             generation_documents(data_dir),
             dict(
                 output_type="generate_until",
@@ -277,7 +299,8 @@ def write_local_tasks(folder: Union[str, Path], data_dir: Union[str, Path] = DEF
             ),
         ),
     }
-    for name, (documents, fields) in tasks.items():
+    for name in tasks:
+        documents, fields = makers[name]()
         data_file = folder / f"{name}.jsonl"
         data_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents), encoding="utf-8")
         config = _task_config(name, data_file, folder / "datasets_cache", **fields)
@@ -360,18 +383,62 @@ def _loaded(s: EvalSettings):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
+RESULTS_FILE = "eval_results.json"  # a model folder's own results file: the one file of the folder eval writes
+GENERATED_TOKENS = 32  # what guanaco_generate generates: lm-eval needs a context length above it
+
+
+def results_path(s: EvalSettings) -> Path:
+    """Where the results go, checked before any work: FOLDER/eval_results.json, or `--output` if it is not a file
+    of the model folder, not an existing file other than an earlier eval result, and writable."""
+    folder = Path(s.folder).resolve()
+    output = Path(s.output) if s.output else Path(s.folder) / RESULTS_FILE
+    resolved = output.resolve()
+    if resolved != folder / RESULTS_FILE and folder in resolved.parents:
+        raise UsageError(
+            f"--output {output}: a file of the model folder {s.folder}; eval writes there only its own "
+            f"{RESULTS_FILE} (the default): leave --output out, or give a path outside the folder"
+        )
+    model_folder.check_writable_file(output, "results")
+    if output.exists() or output.is_symlink():
+        try:
+            earlier = json.loads(output.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "results" in earlier and "retnet_hf" in earlier):
+            raise UsageError(
+                f"--output {output}: the file exists and is not an earlier result of retnet-hf eval; it is left as "
+                "it is: give another path, or move the file away"
+            )
+    return output
+
+
+def _notify(message: str) -> None:
+    print(f"retnet-hf eval: {message}", file=sys.stderr)
+
+
+def _local_tasks(names: Sequence[str]) -> Tuple[str, ...]:
+    """The local tasks that `names` ask for (the tag asks for all of them)."""
+    return LOCAL_TASKS if LOCAL_TAG in names else tuple(name for name in LOCAL_TASKS if name in names)
+
+
 def evaluate_folder(s: EvalSettings) -> dict:
     """Run lm-eval on the folder `s.folder`; write its results (lm-eval's dict, plus a `retnet_hf` entry with the
-    settings used) to `s.output` (default FOLDER/eval_results.json) and return them."""
+    settings used) to `s.output` (default FOLDER/eval_results.json, see `results_path`), whole or not at all, and
+    return them."""
     lm_eval = require("lm_eval", "eval")
     if s.tasks_dir is not None and not Path(s.tasks_dir).is_dir():
         raise UsageError(f"{s.tasks_dir}: no such task folder")
+    output = results_path(s)
+    local = _local_tasks(s.tasks)
+    if GENERATE in local and s.max_length is not None and s.max_length <= GENERATED_TOKENS:
+        raise UsageError(
+            f"--max-length {s.max_length}: {GENERATE} generates {GENERATED_TOKENS} tokens within the context "
+            f"length; give more than {GENERATED_TOKENS}, or leave it out (a RetNet needs none)"
+        )
     model, tokenizer = _loaded(s)
     lm = lm_eval_model(model, tokenizer, batch_size=s.batch_size, max_length=s.max_length)
-    output = Path(s.output) if s.output else Path(s.folder) / "eval_results.json"
-    local = any(name == LOCAL_TAG or name in LOCAL_TASKS for name in s.tasks)
-    with tempfile.TemporaryDirectory(prefix="retnet-hf-eval-") as scratch:
-        include = [write_local_tasks(Path(scratch) / "tasks", s.data_dir)] if local else []
+    with model_folder.scratch_folder("eval", _notify) as scratch:
+        include = [write_local_tasks(scratch / "tasks", s.data_dir, local)] if local else []
         include += [Path(s.tasks_dir)] if s.tasks_dir else []
         manager = task_manager(s.tasks, include)
         model_args = f"pretrained={s.folder},dtype={s.dtype},max_length={lm.max_length}"
@@ -390,6 +457,8 @@ def evaluate_folder(s: EvalSettings) -> dict:
                 f"a task's data set is not available: {error} (lm-eval's own tasks download theirs from the Hub, "
                 f"or need it in the datasets cache offline; the local tasks {', '.join(LOCAL_TASKS)} need none)"
             ) from error
+        except AssertionError as error:  # lm-eval checks its settings with asserts (a context too short, ...)
+            raise UsageError(f"lm-eval refused the settings: {error or 'an assertion failed'} (see --max-length)")
     results["retnet_hf"] = {
         "folder": str(s.folder),
         "tasks": list(s.tasks),
@@ -399,9 +468,9 @@ def evaluate_folder(s: EvalSettings) -> dict:
         "limit": s.limit,
         "device": str(model.device),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     utils = require("lm_eval.utils", "eval")
-    output.write_text(json.dumps(results, indent=2, default=utils.handle_non_serializable, ensure_ascii=False))
+    text = json.dumps(results, indent=2, default=utils.handle_non_serializable, ensure_ascii=False)
+    model_folder.write_file_whole(output, text)
     results["retnet_hf"]["output"] = str(output)
     return results
 

@@ -272,3 +272,156 @@ def test_eval_runs_from_an_installed_wheel_with_no_data_arguments(trained, tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(LOCAL_TASKS) <= set(results["results"])
+
+
+# ------------------------------------------------------------------ nothing lost: where the results go, and when
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """lm-eval's simple_evaluate fails the test if called: the checks must come before any evaluation."""
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("simple_evaluate ran before the output was checked")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "README.md", "config.json", "tokenizer.json", "notes.json"])
+def test_eval_never_writes_a_file_of_the_model_folder_but_its_own(trained, capsys, no_evaluation, name):
+    target = trained / name
+    before = target.read_bytes() if target.exists() else None
+    assert main(["eval", str(trained), "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "a file of the model folder" in err and "Traceback" not in err
+    assert (target.read_bytes() if target.exists() else None) == before
+
+
+def test_eval_refuses_an_existing_file_that_is_not_an_earlier_result(trained, tmp_path, capsys, no_evaluation):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}')
+    assert main(["eval", str(trained), "--output", str(mine)]) == 2
+    assert "not an earlier result of retnet-hf eval" in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "notes"}'
+
+
+@pytest.mark.parametrize("where", ["a folder", "through a file", "read-only folder", "read-only file"])
+def test_eval_checks_it_can_write_before_evaluating(trained, tmp_path, capsys, no_evaluation, where):
+    import os
+    import stat
+
+    if where == "a folder":
+        output, message = tmp_path, "is a folder"
+    elif where == "through a file":
+        (tmp_path / "a_file").write_text("x")
+        output, message = tmp_path / "a_file" / "results.json", "is a file, not a folder"
+    elif where == "read-only folder":
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        output, message = locked / "results.json", "is not writable"
+    else:
+        output, message = tmp_path / "results.json", "read-only"
+        output.write_text(json.dumps({"results": {}, "retnet_hf": {}}))
+        output.chmod(stat.S_IRUSR)
+    if os.geteuid() == 0 and where.startswith("read-only"):
+        pytest.skip("root writes through read-only permissions; the check cannot be seen as root")
+    assert main(["eval", str(trained), "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_earlier_result_is_replaced_whole_or_kept(trained, tmp_path, monkeypatch):
+    """A second run replaces its earlier results file; a run that cannot finish writing (a full disk) leaves the
+    earlier one as it was and no partial file beside it."""
+    import errno
+    import os
+
+    output = tmp_path / "results.json"
+    argv = ["eval", str(trained), "--tasks", PERPLEXITY, "--limit", "1", "--output", str(output)]
+    assert main(argv) == 0
+    first = output.read_bytes()
+    assert main(argv) == 0 and json.loads(output.read_text())["results"]
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    output.write_bytes(first)
+    with pytest.raises(OSError, match="No space left"):
+        from retnet_hf.evaluation import EvalSettings, evaluate_folder
+
+        evaluate_folder(EvalSettings(folder=str(trained), tasks=(PERPLEXITY,), limit=1, output=str(output)))
+    assert output.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_killed_eval_s_scratch_folder_is_removed_by_the_next(trained, tmp_path, capsys):
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from retnet_hf.model_folder import host_tag
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    stale = Path(tempfile.gettempdir()) / f"retnet-hf-eval-{dead}-{host_tag()}-0a1b2c3d"
+    stale.mkdir()
+    (stale / "tasks").mkdir()
+    argv = ["eval", str(trained), "--tasks", PERPLEXITY, "--limit", "1", "--output", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert not stale.exists()
+    assert f"removed {stale}, the scratch folder of an interrupted retnet-hf eval (process {dead})" in (
+        capsys.readouterr().err
+    )
+
+
+# ---------------------------------------------------------------------- odd data: a message, never a traceback
+
+
+def _data_dir(tmp_path, shakespeare=None, parquet=None):
+    import shutil
+
+    from retnet_hf import sample_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if shakespeare is not None:
+        (folder / SHAKESPEARE_HELD_OUT.name).write_text(shakespeare)
+    if parquet == "copy":
+        shutil.copy(sample_data.GUANACO, folder / sample_data.GUANACO.name)
+    elif parquet is not None:
+        (folder / sample_data.GUANACO.name).write_bytes(parquet)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "task, shakespeare, parquet, message",
+    [
+        (NEXT_LINE, "no speeches here, only prose\n\nand more prose\n", None, "0 speeches"),
+        (NEXT_LINE, "KING:\nHo!\nHo!\n\nKING:\nHo!\nHo!\nHo!\n\n" * 50, None, "1 different lines"),
+        (PERPLEXITY, "KING:\nshort\n", None, "needs a longer text"),
+        (GENERATE, None, b"PAR1 this is not parquet", "cannot read it as a parquet file"),
+    ],
+    ids=["no-speeches", "one-line-repeated", "too-short", "damaged-parquet"],
+)
+def test_odd_local_data_is_a_message(trained, tmp_path, capsys, task, shakespeare, parquet, message):
+    folder = _data_dir(tmp_path, shakespeare, parquet)
+    argv = ["eval", str(trained), "--tasks", task, "--data-dir", str(folder), "--output", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("retnet-hf eval: error: ") and message in last and "Traceback" not in err
+
+
+def test_one_local_task_reads_only_its_own_data(trained, tmp_path):
+    folder = _data_dir(tmp_path, shakespeare=SHAKESPEARE_HELD_OUT.read_text())  # no guanaco rows
+    output = tmp_path / "r.json"
+    argv = ["eval", str(trained), "--tasks", PERPLEXITY, "--limit", "1", "--data-dir", str(folder)]
+    assert main(argv + ["--output", str(output)]) == 0
+    assert list(json.loads(output.read_text())["results"]) == [PERPLEXITY]
+
+
+@pytest.mark.parametrize("length", [8, 32])
+def test_a_context_too_short_for_the_generation_task_is_a_message(trained, tmp_path, capsys, no_evaluation, length):
+    argv = ["eval", str(trained), "--max-length", str(length), "--output", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    assert "give more than 32" in capsys.readouterr().err

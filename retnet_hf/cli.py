@@ -2,51 +2,16 @@
 
 import argparse
 import sys
-import time
-from pathlib import Path
 from typing import List, Optional
 
 from .errors import UsageError
 from .options import add_settings_options, float_in, non_negative_int, positive_float, positive_int, settings_from_args
 
 
-def _load_for_inference(folder: str, trust_remote_code: bool):
-    import torch
-
-    from .loading import load_causal_lm, load_tokenizer
-
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
-    model = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
-
-
 def _sampling_kwargs(args) -> dict:
     if args.greedy:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-
-
-class _RateStreamer:
-    """A TextStreamer that also counts the generated tokens, for tokens/s."""
-
-    def __init__(self, tokenizer):
-        from transformers import TextStreamer
-
-        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.tokens = 0
-        self.first = True
-
-    def put(self, value):
-        if not self.first:
-            self.tokens += value.numel()
-        self.first = False
-        self.inner.put(value)
-
-    def end(self):
-        self.inner.end()
 
 
 def _is_main_process() -> bool:
@@ -59,8 +24,8 @@ def cmd_train(args) -> None:
     from .pretraining import PretrainSettings, pretrain
 
     result = pretrain(settings_from_args(PretrainSettings, args))
-    if not _is_main_process():
-        return  # under torchrun / accelerate launch the main process reports
+    if not _is_main_process() or not result.trained:
+        return  # under torchrun / accelerate launch the main process reports; a finished run said so
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s: eval loss {result.eval_loss:.3f}, "
         f"perplexity {result.eval_perplexity:.1f}; model saved to {result.output_dir} (loss curve: loss.png)"
@@ -68,85 +33,18 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
+    from .text_generation import generate_text, load_for_inference
 
-    model, tokenizer = _load_for_inference(args.model, args.trust_remote_code)
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
-    if inputs.input_ids.shape[1] == 0:  # no prompt: start from the beginning-of-text token
-        if tokenizer.bos_token_id is None:
-            raise UsageError(f"{args.model}'s tokenizer has no beginning-of-text token to start from; give --prompt")
-        inputs = tokenizer(tokenizer.bos_token, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = _RateStreamer(tokenizer)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    print(args.prompt, end="", flush=True)
-    start = time.perf_counter()
-    model.generate(
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id,
-        **_sampling_kwargs(args),
-    )
-    seconds = time.perf_counter() - start
-    print(f"[{streamer.tokens} tokens in {seconds:.2f} s, {streamer.tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, **_sampling_kwargs(args))
 
 
 def cmd_chat(args) -> None:
     """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
-    import torch
+    from .text_generation import chat, load_for_inference
 
-    from .data import GUANACO_CHAT_TEMPLATE, HUMAN
-    from .model import CACHE_NAME
-
-    model, tokenizer = _load_for_inference(args.model, args.trust_remote_code)
-    history = torch.empty(1, 0, dtype=torch.long, device=model.device)
-    cache = None
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True)
-        line = _read_line()
-        if line is None:
-            break
-        try:
-            message = line.decode("utf-8").strip() if isinstance(line, bytes) else line.strip()
-        except UnicodeDecodeError:
-            print("that line is not UTF-8 text; type it again (the conversation is kept)", file=sys.stderr)
-            continue
-        if not message:
-            continue
-        if message in ("/exit", "/quit"):
-            break
-        prompt = tokenizer.apply_chat_template(  # the folder's own template, else the guanaco one sft saves
-            [{"role": "user", "content": message}],
-            chat_template=tokenizer.chat_template or GUANACO_CHAT_TEMPLATE,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        turn = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        history = torch.cat([history, turn.input_ids.to(model.device)], dim=1)
-        streamer = _RateStreamer(tokenizer)
-        print("assistant> ", end="", flush=True)
-        start = time.perf_counter()
-        out = model.generate(
-            history,
-            attention_mask=torch.ones_like(history),
-            **{CACHE_NAME: cache},
-            max_new_tokens=args.max_new_tokens,
-            streamer=streamer,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-            stop_strings=[HUMAN],
-            tokenizer=tokenizer,
-            **_sampling_kwargs(args),
-        )
-        seconds = time.perf_counter() - start
-        history, cache = out.sequences, getattr(out, CACHE_NAME)
-        print(
-            f"[{streamer.tokens / max(seconds, 1e-9):.1f} tokens/s, {history.shape[1]} tokens of context]",
-            file=sys.stderr,
-        )
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    chat(model, tokenizer, args.max_new_tokens, _read_line, **_sampling_kwargs(args))
 
 
 def _read_line():
@@ -198,6 +96,8 @@ def cmd_sft(args) -> None:
 
     settings = settings_from_args(SFTSettings, args)
     result = sft(settings)
+    if not result.trained:
+        return  # a finished run's rerun: it said so
     method = settings.method
     what = "merged model" if result.merged else "LoRA adapter"
     loss = f"{result.train_loss:.3f}" if result.train_loss is not None else "n/a"
@@ -223,7 +123,7 @@ def cmd_eval(args) -> None:
 def cmd_push(args) -> None:
     """Check a model folder, then upload its model-repository files to a Hub model repo (or, with --dry-run, list
     them); what is left out, and why, goes to stderr in both cases."""
-    from .hub import check_target, left_out_report, plan_upload, push_plan
+    from .hub import check_target, left_out_report, plan_upload, push_plan, shown
 
     check_target(args.repo_id, args.revision, args.create_pr)
     plan = plan_upload(args.folder, include=args.include)
@@ -234,7 +134,7 @@ def cmd_push(args) -> None:
         for operation in plan.operations:
             print(
                 f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
-                f"{operation.path_in_repo}"
+                f"{shown(operation.path_in_repo)}"
             )
         print(
             f"{args.folder} is complete: {len(plan.operations)} files, {plan.size:,} bytes would go to {args.repo_id}"
@@ -258,7 +158,7 @@ def cmd_export_onnx(args) -> None:
     """Export a model folder to ONNX (prefill and step graphs, tokenizer, config) and check it on ONNX Runtime."""
     from .onnx_runtime import GRAPHS, export_onnx
 
-    out = export_onnx(args.folder, args.out)
+    out = export_onnx(args.folder, args.out, notify=lambda message: print(message, file=sys.stderr))
     sizes = ", ".join(  # a graph over 2 GB keeps its weights in files beside it (FILE.data)
         f"{file} ({sum(path.stat().st_size for path in out.glob(file + '*')) / 2**20:.1f} MiB)"
         for file in GRAPHS.values()

@@ -11,6 +11,8 @@ The chat format is guanaco's, `### Human: q### Assistant: a`; Llama-2 rows (`<s>
 """
 
 import codecs
+import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -61,6 +63,22 @@ def load_texts(sources: Sequence[str], text_column: str = "text"):
     return data
 
 
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's content (read in 1 MiB chunks; remembered for the file as it is now)."""
+    path = Path(path).resolve()
+    status = path.stat()
+    return _sha256_of(str(path), status.st_size, status.st_mtime_ns, status.st_ino, status.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _load_source(source: str, load_dataset):
     path = Path(source)
     if path.exists():
@@ -71,6 +89,10 @@ def _load_source(source: str, load_dataset):
             check_utf8_text_file(path)
         # utf-8-sig: a byte-order mark is not text (json and csv drop it themselves)
         kwargs = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if builder == "text" else {}
+        # `datasets` knows a local file by its path and modification time: a file rewritten with its time kept
+        # (cp -p, rsync -a, a restore) would be read as its old content. A cache of its own per content instead.
+        config = require("datasets.config")
+        kwargs["cache_dir"] = str(Path(config.HF_DATASETS_CACHE) / "retnet-hf-by-content" / file_sha256(path)[:32])
         try:
             return load_dataset(builder, data_files=str(path), split="train", **kwargs)
         except Exception as error:  # pyarrow and pandas parse errors, a damaged parquet, ...

@@ -15,9 +15,10 @@
 """
 
 import json
+import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -32,11 +33,14 @@ from .reports import plot_loss_curve
 from .training import (
     RunSettings,
     base_training_arguments,
+    check_run_inputs,
     claimed_output,
     disk_full_explained,
     divergence_guard,
     last_checkpoint,
     logged_losses,
+    record_finished,
+    source_fingerprint,
 )
 
 
@@ -129,6 +133,7 @@ class SFTResult:
     trainable_parameters: int
     resumed_from: Optional[str] = None
     metrics: dict = field(default_factory=dict)
+    trained: bool = True  # False: a rerun of a finished run, which trained nothing
 
 
 METHODS = {
@@ -195,7 +200,74 @@ def sft(settings: SFTSettings) -> SFTResult:
     s = settings
     _check(s)
     with claimed_output(s.output_dir, "sft", overwrite=s.overwrite), disk_full_explained(s.output_dir):
+        finished = check_run_inputs(s.output_dir, "sft", run_inputs(s), s.resume)
+        if finished and finished["plan"] == _plan(s):
+            return _finished_earlier(s, finished)
         return _sft(s)
+
+
+def run_inputs(s: SFTSettings) -> dict:
+    """What an sft run is started with, which a resumed run must share: the base model, the data (files by
+    SHA-256), the method and its LoRA settings, and how rows become training sequences."""
+    lora = None
+    if s.method != "full":
+        lora = {"rank": s.rank, "alpha": s.alpha, "dropout": s.lora_dropout, "target_modules": s.target_modules}
+    return {
+        "model": source_fingerprint(s.model),
+        "data": source_fingerprint(s.data),
+        "text_column": s.text_column,
+        "method": s.method,
+        "lora": lora,
+        "rows": {
+            "max_length": s.max_length,
+            "packing": s.packing,
+            "completion_only": s.completion_only,
+            "limit": s.limit,
+            "seed": s.seed,
+        },
+    }
+
+
+def _plan(s: SFTSettings) -> dict:
+    """How long the run trains: what a finished run's rerun must ask for again to be a rerun."""
+    return {"max_steps": s.max_steps, "epochs": s.epochs, "merge": s.merge}
+
+
+def _finished_earlier(s: SFTSettings, finished: dict) -> SFTResult:
+    """A rerun of a finished run: no training; missing outputs are written again (the tokenizer, the loss curve,
+    the summary, the card; a LoRA adapter from the last checkpoint), and it says so."""
+    output = Path(s.output_dir)
+    result = SFTResult(output_dir=output, **{**finished["result"], "trained": False})
+    last = output / "checkpoints" / f"checkpoint-{result.steps}"
+    rewritten = []
+    weights = ("adapter_model.safetensors",) if not result.merged else ("config.json",)
+    if not all((output / name).is_file() for name in weights):
+        if result.merged or not (last / "adapter_model.safetensors").is_file():
+            raise UsageError(
+                f"--output {s.output_dir}: the run finished, but its {'model' if result.merged else 'adapter'} files "
+                "are gone; run with --no-resume to train it again"
+            )
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(last / name, output / name)
+        rewritten.append("the adapter")
+    if not (output / "tokenizer.json").is_file():
+        save_tokenizer(set_chat_template(load_tokenizer(s.model, trust_remote_code=s.trust_remote_code)), output)
+        rewritten.append("the tokenizer")
+    if not (output / "loss.png").is_file() and (last / "trainer_state.json").is_file():
+        plot_loss_curve(json.loads((last / "trainer_state.json").read_text())["log_history"], output / "loss.png")
+        rewritten.append("loss.png")
+    if not (output / "training_summary.json").is_file():
+        (output / "training_summary.json").write_text(json.dumps(finished["summary"], indent=2))
+        rewritten.append("training_summary.json")
+    if s.write_card and not (output / "README.md").is_file():
+        _write_card(output, s.model, s.data, finished["summary"])
+        rewritten.append("the model card")
+    print(
+        f"{s.output_dir}: this run finished earlier ({result.steps} steps); nothing to train"
+        f"{'; wrote again what was missing: ' + ', '.join(rewritten) if rewritten else ''} (--no-resume trains "
+        "afresh; more --epochs or --max-steps go on)"
+    )
+    return result
 
 
 def _sft(s: SFTSettings) -> SFTResult:
@@ -213,6 +285,7 @@ def _sft(s: SFTSettings) -> SFTResult:
     guard.raise_if_diverged(s)
     merged = _save(s, trainer.model, tokenizer)
     plot_loss_curve(trainer.state.log_history, Path(s.output_dir) / "loss.png")
+    finished = trainer.state.global_step >= trainer.state.max_steps
     losses = logged_losses(trainer.state.log_history)
     result = SFTResult(
         output_dir=Path(s.output_dir),
@@ -225,7 +298,10 @@ def _sft(s: SFTSettings) -> SFTResult:
         resumed_from=last,
         metrics=dict(train_output.metrics),
     )
-    _summarise(s, result)
+    summary = _summarise(s, result)
+    if finished:
+        fields = {name: value for name, value in asdict(result).items() if name not in ("output_dir", "trained")}
+        record_finished(s.output_dir, {"plan": _plan(s), "result": fields, "summary": summary})
     return result
 
 
@@ -321,8 +397,8 @@ def _save(s: SFTSettings, trained, tokenizer) -> bool:
     return merged
 
 
-def _summarise(s: SFTSettings, result: SFTResult) -> None:
-    """training_summary.json and the model card."""
+def _summarise(s: SFTSettings, result: SFTResult) -> dict:
+    """training_summary.json and the model card; returns the summary."""
     lora = s.method != "full"
     training = {
         "method": s.method,
@@ -346,9 +422,11 @@ def _summarise(s: SFTSettings, result: SFTResult) -> None:
         "seconds": round(result.seconds, 1),
     }
     output = Path(s.output_dir)
-    (output / "training_summary.json").write_text(json.dumps({"base_model": str(s.model), **training}, indent=2))
+    summary = {"base_model": str(s.model), **training}
+    (output / "training_summary.json").write_text(json.dumps(summary, indent=2))
     if s.write_card:
         _write_card(output, s.model, s.data, training)
+    return summary
 
 
 def _write_card(output: Path, model: str, data: str, training: dict) -> None:

@@ -26,11 +26,14 @@ from .reports import plot_loss_curve
 from .training import (
     RunSettings,
     base_training_arguments,
+    check_run_inputs,
     claimed_output,
     disk_full_explained,
     divergence_guard,
     last_checkpoint,
     logged_losses,
+    record_finished,
+    source_fingerprint,
 )
 
 
@@ -41,6 +44,8 @@ def time_budget(seconds: float):
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
+        stopped = False  # whether the budget ended the run (it is then unfinished: a rerun goes on)
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
@@ -51,7 +56,7 @@ def time_budget(seconds: float):
                 torch.distributed.broadcast(flag, src=0)
                 stop = bool(flag.item())
             if stop:
-                control.should_training_stop = True
+                control.should_training_stop = self.stopped = True
 
     return TimeBudget()
 
@@ -130,6 +135,7 @@ class TrainResult:
     num_parameters: int
     metrics: dict = field(default_factory=dict)
     kept_step: Optional[int] = None  # the step whose model was saved (the best evaluated one with early stopping)
+    trained: bool = True  # False: a rerun of a finished run, which trained nothing
 
     @property
     def eval_perplexity(self) -> Optional[float]:
@@ -157,8 +163,26 @@ def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResul
             held.enter_context(
                 claimed_output(s.output_dir, "train", overwrite=s.overwrite, main_process=args.process_index == 0)
             )
+            finished = check_run_inputs(
+                s.output_dir, "train", run_inputs(s), s.resume, main_process=args.process_index == 0
+            )
         with disk_full_explained(s.output_dir):
+            if finished and finished["max_steps"] >= s.max_steps:
+                return _finished_earlier(s, finished, main_process=args.process_index == 0)
             return _pretrain(s, args, callbacks)
+
+
+def run_inputs(s: PretrainSettings) -> dict:
+    """What a train run is started with, which a resumed run must share: the texts (files by SHA-256), the
+    tokenizer (given, or trained to a size), the model (a folder to continue, or a preset) and the token blocks
+    (their length, the evaluation share and the seed that splits them)."""
+    return {
+        "texts": [source_fingerprint(text) for text in s.texts],
+        "text_column": s.text_column,
+        "tokenizer": source_fingerprint(s.tokenizer) if s.tokenizer else {"trained, vocab_size": s.vocab_size},
+        "model": source_fingerprint(s.model) if s.model else {"preset": s.preset},
+        "blocks": {"block_size": s.block_size, "eval_fraction": s.eval_fraction, "seed": s.seed},
+    }
 
 
 def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
@@ -169,7 +193,8 @@ def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
     model = _model(s, tokenizer)
     num_parameters = model.num_parameters()  # before FSDP shards the weights
     guard = divergence_guard()
-    callbacks = [guard, *callbacks] + ([time_budget(s.max_seconds)] if s.max_seconds is not None else [])
+    budget = time_budget(s.max_seconds) if s.max_seconds is not None else None
+    callbacks = [guard, *callbacks] + ([budget] if budget is not None else [])
     if s.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
@@ -199,7 +224,7 @@ def _pretrain(s: PretrainSettings, args, callbacks: Sequence) -> TrainResult:
         metrics=metrics,
         kept_step=_kept_step(trainer),
     )
-    _save(s, trainer, tokenizer, result, len(eval_set))
+    _save(s, trainer, tokenizer, result, len(eval_set), finished=budget is None or not budget.stopped)
     return result
 
 
@@ -283,9 +308,10 @@ def _model(s: PretrainSettings, tokenizer):
     return model
 
 
-def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: int) -> None:
+def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: int, finished: bool) -> None:
     """The model (every rank takes part: FSDP gathers the weights), then on the main process the tokenizer, the
-    loss curve, the run summary and the model card."""
+    loss curve, the run summary and the model card; a `finished` run (not stopped by its time budget) is recorded
+    as such, for a rerun to find."""
     output = Path(s.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(output))
@@ -297,7 +323,7 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
     summary = {
         "preset": s.preset if s.model is None else None,
         "base_model": s.model,
-        "texts": texts,
+        "texts": [source_fingerprint(text) for text in s.texts],  # local files with the SHA-256 trained on
         "steps": result.steps,
         "kept_step": result.kept_step,
         **{key: asdict(s)[key] for key in ("block_size", "batch_size", "gradient_accumulation_steps", "learning_rate")},
@@ -312,8 +338,7 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
 
     args = trainer.args
     local_base = s.model is not None and Path(s.model).exists()
-    write_model_card(
-        output,
+    card = dict(
         base_model=None if s.model is None or local_base else s.model,
         datasets=[t for t in texts if not Path(t).exists()],
         local_data=[Path(t).name for t in texts if Path(t).exists()],
@@ -343,3 +368,57 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
         },
         evaluation_note=f"{n_eval} held-out blocks of {s.block_size} tokens, {n_eval * s.block_size:,} tokens",
     )
+    write_model_card(output, **card)
+    if finished:
+        fields = {name: value for name, value in asdict(result).items() if name not in ("output_dir", "trained")}
+        record_finished(s.output_dir, {"max_steps": s.max_steps, "result": fields, "summary": summary, "card": card})
+
+
+def _finished_earlier(s: PretrainSettings, finished: dict, main_process: bool) -> TrainResult:
+    """A rerun of a finished run: no training; the outputs that are missing are written again (the model from the
+    checkpoint of its kept step, the tokenizer, the loss curve, the summary, the card), and it says so."""
+    output = Path(s.output_dir)
+    result = TrainResult(output_dir=output, **{**finished["result"], "trained": False})
+    checkpoints = output / "checkpoints"
+    rewritten = []
+    if main_process and not ((output / "config.json").is_file() and any(output.glob("model*.safetensors"))):
+        source = checkpoints / f"checkpoint-{result.kept_step}"
+        if not (source / "config.json").is_file():
+            raise UsageError(
+                f"--output {s.output_dir}: the run finished, but its model files are gone and so is {source.name}; "
+                "run with --no-resume to train it again"
+            )
+        RetNetForCausalLM.from_pretrained(source).save_pretrained(output)
+        rewritten.append("the model")
+    if main_process and not (output / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        places = (checkpoints / "tokenizer", checkpoints / f"checkpoint-{result.kept_step}", s.tokenizer, s.model)
+        source = next((str(p) for p in places if p is not None and (Path(p) / "tokenizer.json").is_file()), None)
+        if source is None:
+            raise UsageError(
+                f"--output {s.output_dir}: the run finished, but its tokenizer is gone from it and from its "
+                "checkpoints; run with --no-resume to train it again"
+            )
+        save_tokenizer(PreTrainedTokenizerFast.from_pretrained(source), output)
+        rewritten.append("the tokenizer")
+    states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+    if main_process and not (output / "loss.png").is_file() and states:
+        log_history = json.loads(states[-1].read_text())["log_history"]
+        plot_loss_curve(log_history, output / "loss.png", kept_step=result.kept_step)
+        rewritten.append("loss.png")
+    if main_process and not (output / "training_summary.json").is_file():
+        (output / "training_summary.json").write_text(json.dumps(finished["summary"], indent=2))
+        rewritten.append("training_summary.json")
+    if main_process and not (output / "README.md").is_file():
+        from .model_card import write_model_card
+
+        write_model_card(output, **finished["card"])
+        rewritten.append("the model card")
+    if main_process:
+        print(
+            f"{s.output_dir}: this run finished earlier ({result.steps} of --max-steps {finished['max_steps']}); "
+            f"nothing to train{'; wrote again what was missing: ' + ', '.join(rewritten) if rewritten else ''} "
+            "(--no-resume trains afresh; a higher --max-steps goes on)"
+        )
+    return result

@@ -4,6 +4,11 @@ TrainingArguments, resuming from the newest complete checkpoint, the logged loss
 A run writes only into a folder that is empty, new, or its own command's earlier output (a marker file,
 `checkpoints/retnet-hf-run.json`, says whose), unless `overwrite` is given; while it runs it holds a lock on that
 marker, so a second run into the same folder stops with a message naming the first.
+
+A run records what it was started with (`checkpoints/run.json`: its data files and their SHA-256, tokenizer, base
+model, preset or shape, LoRA settings; `run_inputs`): running the same command again resumes it, a rerun with other
+inputs stops before any work and names what changed, and a rerun of a finished run trains nothing (it rewrites
+only the outputs that are missing).
 """
 
 import errno
@@ -29,6 +34,7 @@ from .options import non_negative_int
 
 
 RUN_MARKER = "retnet-hf-run.json"  # in OUTPUT/checkpoints: which command's output this folder is, and who holds it
+RUN_RECORD = "run.json"  # in OUTPUT/checkpoints: what the run was started with, and how it finished
 
 
 @dataclass
@@ -177,6 +183,67 @@ def disk_full_explained(output_dir) -> Iterator[None]:
             f"No space left on device under {output_dir} ({error}); free space, then run the same command again: "
             "it resumes from the newest complete checkpoint"
         ) from error
+
+
+# ------------------------------------------------------------------------------------- what a run resumes
+
+
+def source_fingerprint(source: Optional[str]) -> Optional[dict]:
+    """A run's input as it is now, to tell whether a rerun has the same: a local file by its path and SHA-256; a
+    local folder (a model, a tokenizer) by its path, the SHA-256 of its JSON files and its weight files' sizes; a
+    Hub id by its name."""
+    from .data import file_sha256
+
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"file": str(path.resolve()), "sha256": file_sha256(path)}
+    if path.is_dir():
+        files = {p.name: file_sha256(p) for p in sorted(path.glob("*.json")) if p.name != RUN_MARKER}
+        files.update({p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))})
+        return {"folder": str(path.resolve()), "files": files}
+    return {"hub": str(source)}
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_run_inputs(output_dir, command: str, inputs: dict, resume: bool, main_process: bool = True) -> dict:
+    """Before any work: stop (UsageError) when `resume` would continue a run in `output_dir` that was started with
+    other `inputs`, naming what changed; else record `inputs` as the run's. Returns how the recorded run finished
+    (`record_finished`'s entry) when it had these inputs and finished, else an empty dict."""
+    path = Path(output_dir) / "checkpoints" / RUN_RECORD
+    inputs = json.loads(json.dumps(inputs))  # as read back: tuples become lists
+    try:
+        earlier = _read_json(path.read_text()) if path.is_file() else {}
+    except OSError:
+        earlier = {}
+    before = earlier.get("inputs")
+    if resume and before is not None and before != inputs:
+        changed = [key for key in sorted(set(before) | set(inputs)) if before.get(key) != inputs.get(key)]
+        details = "; ".join(f"{key}: {_shown(before.get(key))} then, {_shown(inputs.get(key))} now" for key in changed)
+        raise UsageError(
+            f"--output {output_dir} holds a retnet-hf {command} run started with another {', '.join(changed)} "
+            f"({details}); resuming it would mix the two. Nothing was done: run with --no-resume to start afresh in "
+            "that folder, or choose another --output"
+        )
+    if resume and before == inputs:
+        return earlier.get("finished") or {}
+    if main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": command, "inputs": inputs}, indent=2) + "\n")
+    return {}
+
+
+def record_finished(output_dir, finished: dict) -> None:
+    """Add to the run's record how it finished (what a rerun needs to say so and to rewrite missing outputs)."""
+    path = Path(output_dir) / "checkpoints" / RUN_RECORD
+    record = _read_json(path.read_text()) if path.is_file() else {}
+    record["finished"] = json.loads(json.dumps(finished, default=str))
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------------------- resuming

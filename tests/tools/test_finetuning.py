@@ -614,3 +614,41 @@ def test_sft_usage_errors(tmp_path, folder, capsys):
     assert main(["sft", str(folder), "--output", str(tmp_path / "o"), "--data", str(bad), "--max-steps", "1"]) == 2
     assert "neither" in capsys.readouterr().err
     assert main(["sft", str(folder), "--output", str(tmp_path / "o"), "--data", str(tmp_path / "none.txt")]) == 2
+
+
+def test_sft_reruns_resume_only_what_they_started(tmp_path, folder, short_jsonl, capsys):
+    """A finished run's rerun trains nothing; a rerun on another base model, other data or another rank stops
+    before any work and names what changed; --no-resume starts afresh."""
+    import shutil
+
+    from retnet_hf.cli import main
+
+    out = tmp_path / "adapter"
+    common = [str(folder), "--output", str(out), "--data", str(short_jsonl), "--max-length", "64", "--limit", "4"]
+    common += ["--batch-size", "4", "--save-steps", "2", "--max-steps", "2"]
+    assert main(["sft", *common]) == 0
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["sft", *common]) == 0
+    assert "finished earlier (2 steps); nothing to train" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (out / "checkpoints" / "checkpoint-3").exists()
+    (out / "adapter_model.safetensors").unlink()
+    assert main(["sft", *common]) == 0
+    assert "wrote again what was missing: the adapter" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+
+    other_base = tmp_path / "other-base"
+    shutil.copytree(folder, other_base)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(short_jsonl.read_text().splitlines()[0] + "\n")
+    for argv, named in [
+        ([str(other_base), *common[1:]], "model"),
+        ([*common[:4], str(other_data), *common[5:]], "data"),
+        ([*common, "--rank", "4"], "lora"),
+    ]:
+        assert main(["sft", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"started with another {named}" in err and "--no-resume" in err, err
+        assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert main(["sft", *common, "--rank", "4", "--no-resume"]) == 0

@@ -244,3 +244,82 @@ def test_early_stopping_keeps_the_model_of_the_lowest_evaluation_loss(tmp_path):
     checkpoint = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / f"checkpoint-{best}").state_dict()
     assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
     assert f"step {best}, the lowest evaluation loss" in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------- a rerun resumes what it started, or stops first
+
+
+def weights_of(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_a_finished_run_trains_nothing_when_run_again_and_rewrites_only_what_is_missing(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(text_file, out, "--max-steps", "6")
+    assert main(argv) == 0
+    weights, summary = weights_of(out), (out / "training_summary.json").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "finished earlier (6 of --max-steps 6); nothing to train" in said and "wrote again" not in said
+    assert weights_of(out) == weights and (out / "training_summary.json").read_text() == summary
+    assert not (out / "checkpoints" / "checkpoint-7").exists()
+    for name in ("loss.png", "README.md", "training_summary.json", "tokenizer.json"):
+        (out / name).unlink()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "wrote again what was missing: the tokenizer, loss.png, training_summary.json, the model card" in said
+    assert weights_of(out) == weights and (out / "training_summary.json").read_text() == summary
+    assert (out / "loss.png").stat().st_size > 1000 and "6" in (out / "README.md").read_text()
+    # a higher --max-steps goes on from the checkpoint
+    assert main(train_argv(text_file, out, "--max-steps", "8")) == 0
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (("--vocab-size", "310"), "tokenizer"),
+        (("--preset", "small"), "model"),
+        (("--block-size", "32"), "blocks"),
+        ("another text", "texts"),
+        ("the same text rewritten", "texts"),
+    ],
+)
+def test_a_rerun_with_other_inputs_stops_before_any_work(text_file, tmp_path, capsys, change, named):
+    out = tmp_path / "run"
+    text = tmp_path / "text.txt"
+    text.write_text(text_file.read_text())
+    assert main(train_argv(text, out, "--max-steps", "2")) == 0
+    before = snapshot(out)
+    extra = []
+    if change == "another text":
+        other = tmp_path / "other.txt"
+        other.write_text(text_file.read_text()[:20_000])
+        text = other
+    elif change == "the same text rewritten":
+        stat = text.stat()
+        text.write_text(text_file.read_text()[::-1])  # other content, the same size and modification time
+        os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        extra = list(change)
+    capsys.readouterr()
+    assert main(train_argv(text, out, "--max-steps", "4", *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"started with another {named}" in err and "--no-resume" in err and "Traceback" not in err
+    marker = f"checkpoints/{RUN_MARKER}"  # the lock's record of who holds the folder, rewritten by each run
+    assert {k: v for k, v in snapshot(out).items() if k != marker} == {k: v for k, v in before.items() if k != marker}
+    assert main(train_argv(text, out, "--max-steps", "2", "--no-resume", *extra)) == 0  # afresh, as it says
+
+
+def test_a_text_rewritten_with_its_modification_time_kept_is_read_as_it_is_now(tmp_path):
+    """`datasets` knows a local file by path and modification time; the text trained on must be the file's content."""
+    from retnet_hf.data import load_texts
+
+    path = tmp_path / "text.txt"
+    path.write_text("first paragraph\n\nsecond paragraph\n")
+    assert list(load_texts([str(path)])["text"]) == ["first paragraph", "second paragraph\n"]
+    stat = path.stat()
+    path.write_text("other words entirely, and longer than before\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert list(load_texts([str(path)])["text"]) == ["other words entirely, and longer than before\n"]

@@ -802,9 +802,10 @@ class RetNetModel(RetNetPreTrainedModel):
         position_ids (`[B, T]` or `[1, T]`): only their restarts matter: a token at position 0 that follows other
             tokens starts a new document (packed rows), and the state before it is discarded. Rotations and decays
             are relative, so they are taken from the token count.
-        cache (`RetNetCache`): the state to continue from, made by this model (one of another model's layer
-            count or widths is a ValueError); updated in place and returned. The first new token's position is the
-            number of tokens it has seen, `cache.num_tokens`.
+        cache (`RetNetCache`): the state to continue from, which this model returned for the tokens before these
+            (one of another layer count, width or batch is a ValueError; as with a KV cache, one of another
+            same-shape model or of other tokens cannot be told apart and is continued as it is); updated in place
+            and returned. The first new token's position is the number of tokens it has seen, `cache.num_tokens`.
         retention_form (`str`): override `config.retention_form` for this call.
         past_key_values (`RetNetCache`): the name of `cache` before transformers 5.24 (either may be given).
         output_attentions: RetNet has no attention weights; only None or False is accepted.

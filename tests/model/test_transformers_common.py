@@ -6,8 +6,8 @@ The tests come from the source distribution of the installed transformers on the
 repository. The sdist holds the root `tests/*.py` but not the folders they import from, so three small stand-ins
 written here take their place: `exporters/test_export.py` (the sdist's `ExportTesterMixin` is absent; ours
 exports each model class with `torch.export` and compares it with eager), `generation/test_utils.py` (a marker
-class `GenerationTesterMixin`: transformers' generation tests are not in the sdist, `tests/test_generation.py`
-covers generate()), and `utils/test_configuration_utils.py` (the common config arguments `ConfigTester` sets).
+class `GenerationTesterMixin`: transformers' generation tests are not in the sdist; `tests/model/test_cache.py`
+makes their checks of a recurrent cache, `tests/model/test_generation.py` covers generate()), and `utils/test_configuration_utils.py` (the common config arguments `ConfigTester` sets).
 `RETNET_TRANSFORMERS_SDIST` may point at the `.tar.gz`; otherwise it is downloaded into `~/.cache/retnet-hf`.
 """
 
@@ -202,7 +202,8 @@ class RetNetModelTester:
 
 # Common tests that do not apply to RetNet, each with the reason.
 NOT_APPLICABLE = {
-    "test_generation_tester_mixin_inheritance": "the sdist does not ship tests/generation; generate() is tested in tests/test_generation.py",
+    "test_generation_tester_mixin_inheritance": "the sdist does not ship tests/generation: the cache checks of its "
+    "GenerationTesterMixin are in tests/model/test_cache.py, generate() in tests/model/test_generation.py",
 }
 
 

@@ -158,7 +158,8 @@ def cmd_export_onnx(args) -> None:
     """Export a model folder to ONNX (prefill and step graphs, tokenizer, config) and check it on ONNX Runtime."""
     from .onnx_runtime import GRAPHS, export_onnx
 
-    out = export_onnx(args.folder, args.out, notify=lambda message: print(message, file=sys.stderr))
+    notify = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    out = export_onnx(args.folder, args.out, quantize=args.quantize, notify=notify)
     sizes = ", ".join(  # a graph over 2 GB keeps its weights in files beside it (FILE.data)
         f"{file} ({sum(path.stat().st_size for path in out.glob(file + '*')) / 2**20:.1f} MiB)"
         for file in GRAPHS.values()
@@ -273,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_onnx.add_argument("folder", help="a RetNet model folder")
     export_onnx.add_argument("out", help="the folder to write (must not exist)")
+    export_onnx.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="quantize the graphs' weights with ONNX Runtime's own quantizers (int8: per channel, activations at "
+        "run time; int4: blocks of 32); the state stays float32, the check allows the measured quantization error",
+    )
     export_onnx.set_defaults(func=cmd_export_onnx)
     return parser
 

@@ -414,3 +414,36 @@ def test_the_benchmark_prints_a_row_per_path_and_saves_a_png(source, exported, t
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
     assert rows[1][-1] == "yes"  # ONNX Runtime chose eager's greedy tokens
     assert (tmp_path / "onnx_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ quantized graphs
+
+
+@pytest.mark.parametrize("scheme, operator", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_a_quantized_export_is_checked_and_decodes(source, tmp_path, capsys, scheme, operator):
+    """`export-onnx --quantize`: ONNX Runtime's own quantizer on both graphs (its quantized operators in them), the
+    check against PyTorch's float32 logits within the scheme's tolerance, the measured difference in the manifest,
+    and a runner that decodes from it (the state stays float32)."""
+    import onnx
+
+    model, folder = source
+    out = tmp_path / f"tiny-{scheme}"
+    assert main(["export-onnx", str(folder), str(out), "--quantize", scheme]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    quantization = manifest["quantization"]
+    assert quantization["scheme"] == scheme and manifest["state_dtype"] == "float32"
+    for graph in ("prefill", "step"):
+        difference = quantization["checked_logit_difference"][graph]
+        assert 0 < difference <= onnx_runtime.QUANTIZED_TOLERANCE[scheme]  # quantized, and within what is allowed
+        nodes = {node.op_type for node in onnx.load(str(out / onnx_runtime.GRAPHS[graph])).graph.node}
+        assert operator in nodes
+    runner = OnnxRetNet(out, threads=1)
+    ids = runner.generate([[5, 6, 7]], max_new_tokens=6)
+    assert ids.shape == (1, 9) and runner.empty_states(1)[0].dtype == np.float32
+
+
+def test_a_quantized_export_that_disagrees_too_much_is_not_published(source, tmp_path, monkeypatch, capsys):
+    _, folder = source
+    monkeypatch.setitem(onnx_runtime.QUANTIZED_TOLERANCE, "int8", 1e-9)  # as if the graph were broken
+    assert main(["export-onnx", str(folder), str(tmp_path / "out"), "--quantize", "int8"]) == 2
+    assert "disagrees with PyTorch" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

@@ -402,3 +402,28 @@ def test_bench_finetune_quick(tmp_path, capsys):
     assert saved[("Llama", "lora")]["trainable params"] > 0
     assert next(row for row in rows if row[:2] == ["RetNet", "lora"])[7].endswith("x")  # the ratio
     check_png(tmp_path / "finetune.png")
+
+
+def test_bench_cpu_inference_quick_on_retnet_s_paths(tmp_path, capsys):
+    """The CPU inference benchmark's RetNet side end to end (llama.cpp is not installed in CI): each path in its own
+    process, the table, the plot; and its goal lines read the ratios it computed."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra")
+    from benchmarks import cpu_inference
+
+    variants = "retnet-eager-fp32,retnet-onnx-int8"
+    argv = ["--quick", "--variants", variants, "--work", str(tmp_path / "models"), "--out", str(tmp_path)]
+    assert cpu_inference.main(argv) == 0
+    rows = json.loads((tmp_path / "cpu_inference.json").read_text())
+    assert {(row["variant"], row["context"]) for row in rows} == {
+        (variant, context) for variant in variants.split(",") for context in (64, 256)
+    }
+    assert all(row["decode tok/s"] > 0 and row["prefill 512 tok/s"] > 0 for row in rows)
+    check_png(tmp_path / "cpu_inference.png")
+    fake = [
+        {"variant": "retnet-onnx-int8", "context": 256, "x fastest llama.cpp": 1.5, "fastest llama.cpp": "q4"},
+        {"variant": "retnet-onnx-int4", "context": 32768, "x fastest llama.cpp": 12.0, "fastest llama.cpp": "q4"},
+    ]
+    assert cpu_inference.goals(fake) == [
+        "context 256: best quantized RetNet path retnet-onnx-int8 at 1.50x q4 (goal 1x): met",
+        "context 32768: best quantized RetNet path retnet-onnx-int4 at 12.00x q4 (goal 20x): not met",
+    ]

@@ -325,7 +325,7 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(source, 
     (stale / "prefill.onnx").write_bytes(b"half an ONNX file")
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(onnx_runtime, "_export_graph", lambda module, args, i, o, path: path.write_bytes(b"x"))
-    monkeypatch.setattr(onnx_runtime, "_check_against_pytorch", lambda model, staging: None)
+    monkeypatch.setattr(onnx_runtime, "_check_against_pytorch", lambda model, staging, tolerance: {})
     try:
         assert main(["export-onnx", str(folder), str(tmp_path / "out")]) == 0
     finally:
@@ -358,7 +358,7 @@ def test_an_output_through_a_file_is_a_message(source, tmp_path, capsys):
 def test_a_graph_that_disagrees_with_pytorch_is_not_published(source, tmp_path, monkeypatch):
     _, folder = source
 
-    def disagree(model, staging):
+    def disagree(model, staging, tolerance):
         assert (staging / "prefill.onnx").is_file() and (staging / MANIFEST).is_file()
         raise UsageError("the exported prefill graph disagrees with PyTorch")
 

@@ -35,7 +35,7 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     from .text_generation import generate_text, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.quantize)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, **_sampling_kwargs(args))
 
 
@@ -43,7 +43,7 @@ def cmd_chat(args) -> None:
     """Each turn feeds only the new text: the recurrent state carries the conversation, at a flat cost per token."""
     from .text_generation import chat, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.quantize)
     chat(model, tokenizer, args.max_new_tokens, _read_line, **_sampling_kwargs(args))
 
 
@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--top-p", type=float_in(0.0, 1.0), default=0.9, help="nucleus mass in (0, 1]")
         sub.add_argument("--top-k", type=positive_int, default=50)
         sub.add_argument("--seed", type=non_negative_int, default=None)
+        sub.add_argument(
+            "--quantize",
+            choices=("int8", "int4"),
+            help="run a RetNet with quantized weights on ONNX Runtime (exported once into HF_HOME/retnet-hf/onnx, "
+            "reused after): the fastest way on a CPU; the state stays float32",
+        )
         sub.add_argument(
             "--trust-remote-code",
             action="store_true",

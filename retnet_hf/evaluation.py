@@ -120,6 +120,13 @@ class EvalSettings:
             help="context length in tokens (default: the config's position limit; none for a RetNet: whole requests)",
         ),
     )
+    quantize: Optional[str] = field(
+        default=None,
+        metadata=dict(
+            choices=("int8", "int4"),
+            help="evaluate the model with quantized weights on ONNX Runtime, as generate and chat --quantize run it",
+        ),
+    )
     output: Optional[str] = field(
         default=None, metadata=dict(help="the results JSON to write (default FOLDER/eval_results.json)")
     )
@@ -328,7 +335,7 @@ def lm_eval_model(model, tokenizer, batch_size: int = 1, max_length: Optional[in
     import torch
 
     huggingface = require("lm_eval.models.huggingface", "eval")
-    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    half = model.dtype in (torch.float16, torch.bfloat16)
     return huggingface.HFLM(
         pretrained=model,
         backend="causal",
@@ -373,14 +380,10 @@ def task_manager(task_names, include_paths: List[Path]):
 def _loaded(s: EvalSettings):
     import torch
 
-    from .loading import load_causal_lm, load_tokenizer
+    from .text_generation import load_for_inference
 
-    if not (Path(s.folder) / "config.json").is_file():
-        raise UsageError(f"{s.folder}: not a model folder (no config.json)")
     dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
-    model = load_causal_lm(s.folder, trust_remote_code=s.trust_remote_code, dtype=dtype)
-    tokenizer = load_tokenizer(s.folder, trust_remote_code=s.trust_remote_code)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+    return load_for_inference(s.folder, s.trust_remote_code, s.quantize, dtype=dtype)
 
 
 RESULTS_FILE = "eval_results.json"  # a model folder's own results file: the one file of the folder eval writes
@@ -463,7 +466,8 @@ def evaluate_folder(s: EvalSettings) -> dict:
         "folder": str(s.folder),
         "tasks": list(s.tasks),
         "max_length": lm.max_length,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "quantize": s.quantize,
         "batch_size": s.batch_size,
         "limit": s.limit,
         "device": str(model.device),

@@ -6,12 +6,13 @@ The two graphs are traced by `torch.onnx.export(..., dynamo=True)` from small wr
 `forward` (nothing of the math is written again here); every input and output is a plain tensor:
 
     prefill.onnx   input_ids [batch, length] int64, attention_mask [batch, length] int64, num_tokens [] int64,
-                   state.{i} [batch, H, D, Dv] float32, scale.{i} [batch, H] float32    (i < layers)
-               ->  logits [batch, V] float32 (of the last token), next_state.{i}, next_scale.{i}
+                   logit_positions [kept] int64, state.{i} [batch, H, D, Dv] float32, scale.{i} [batch, H] float32
+               ->  logits [batch, kept, V] float32 (of the tokens at logit_positions), next_state.{i}, next_scale.{i}
     step.onnx      input_ids [batch, 1] int64, num_tokens [] int64, state.{i}, scale.{i}
-               ->  logits [batch, V], next_state.{i}, next_scale.{i}
+               ->  logits [batch, V], next_state.{i}, next_scale.{i}                          (i < layers)
 
-`batch` and `length` are dynamic. `num_tokens` is the number of tokens the state has seen (padding included), as
+`batch`, `length` and `kept` are dynamic: a prompt asks for its last token's logits only (the output head is a
+quarter of a small model's work per token), scoring a text (`eval`) for every token's. `num_tokens` is the number of tokens the state has seen (padding included), as
 `RetNetCache.num_tokens`: the first new token's position. A state is the layer's `(S, scale)` pair of
 `RetNetCache.states`; the empty state is zeros with `num_tokens` 0.
 
@@ -31,6 +32,7 @@ renamed at the end, so a failed export leaves no OUT, and a killed one's staging
 into OUT. Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -41,14 +43,18 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import UsageError, require
+from .model import CACHE_NAME, RetNetCache, RetNetGenerationMixin, RetNetPreTrainedModel
+from .model.modeling_retnet import _one_cache, _refuse_attentions, _split_kwargs
 from .model_folder import staged_folder
 
 
 MANIFEST = "retnet_onnx.json"
 FORMAT = "retnet-hf-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefill.onnx takes logit_positions
 GRAPHS = {"prefill": "prefill.onnx", "step": "step.onnx"}
 CHECK_TOLERANCE = 1e-4  # max |ONNX - PyTorch| / max |PyTorch| of the logits in the check before publishing
 # Quantized graphs (ONNX Runtime's own quantizers on the exported float32 graphs), and how far their logits may be
@@ -56,10 +62,15 @@ CHECK_TOLERANCE = 1e-4  # max |ONNX - PyTorch| / max |PyTorch| of the logits in 
 # 2.3e-2, int4 9.5e-2), with room; a broken graph is far beyond it
 QUANTIZATIONS = {
     "int8": "weights int8 per channel, activations quantized at run time (onnxruntime.quantization.quantize_dynamic)",
-    "int4": "matrix weights int4 in blocks of 32, symmetric (onnxruntime MatMulNBitsQuantizer); embeddings float32",
+    "int4": "matrix weights int4 in blocks of 32, symmetric, activations int8 in the products (onnxruntime "
+    "MatMulNBitsQuantizer, accuracy_level 4); embeddings float32",
 }
 QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.3}
+# int4 products with int8 activations (MatMulNBits accuracy_level 4): 1.4x the float32-compute kernel's decode on
+# 125m (2 cores), the logits as close
+INT4_ACCURACY_LEVEL = 4
 COPIED_FILES = ("config.json", "generation_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a folder's weights are stored in (an exported folder's key)
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # a folder with either has a tokenizer to export
 
 States = List[np.ndarray]  # [state.0, scale.0, state.1, scale.1, ...], the graphs' input order
@@ -81,7 +92,7 @@ def _wrappers(model):
 
     layers = model.config.decoder_layers
 
-    def run(module, input_ids, attention_mask, num_tokens, states, form):
+    def run(module, input_ids, attention_mask, num_tokens, states, form, logit_positions=None):
         # clones: the recurrent form updates a state in place when autograd is off, and graph inputs stay inputs;
         # the count stays a tensor: the positions are computed from it in the graph
         pairs = [(states[2 * i].clone(), states[2 * i + 1].clone()) for i in range(layers)]
@@ -91,19 +102,20 @@ def _wrappers(model):
             attention_mask=attention_mask,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1 if logit_positions is None else logit_positions,
             retention_form=form,
             return_dict=True,
         )
-        return (out.logits[:, -1], *[tensor for state in cache.states for tensor in state])
+        logits = out.logits[:, -1] if logit_positions is None else out.logits
+        return (logits, *[tensor for state in cache.states for tensor in state])
 
     class Prefill(nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, num_tokens, *states):
-            return run(self, input_ids, attention_mask, num_tokens, states, "parallel")
+        def forward(self, input_ids, attention_mask, num_tokens, logit_positions, *states):
+            return run(self, input_ids, attention_mask, num_tokens, states, "parallel", logit_positions)
 
     class Step(nn.Module):
         def __init__(self):
@@ -140,6 +152,8 @@ def _export_graph(module, args: tuple, input_names: List[str], output_names: Lis
     for name, tensor in zip(input_names[:named], args):
         if name in ("input_ids", "attention_mask"):
             shapes.append({0: batch, 1: length} if tensor.shape[1] > 1 else {0: batch})
+        elif name == "logit_positions":
+            shapes.append({0: torch.export.Dim("kept")})
         else:
             shapes.append(None)  # num_tokens, a scalar
     shapes.append(tuple({0: batch} for _ in args[named:]))  # the states, one tuple as the signature's *states
@@ -250,8 +264,8 @@ def export_onnx(
     with staged_folder(out, "exporting", "export", notify) as staging:
         _export_graph(
             prefill,
-            (ids, mask, count, *states),
-            ["input_ids", "attention_mask", "num_tokens", *names_in],
+            (ids, mask, count, torch.tensor([0, length - 1]), *states),
+            ["input_ids", "attention_mask", "num_tokens", "logit_positions", *names_in],
             names_out,
             staging / GRAPHS["prefill"],
         )
@@ -299,6 +313,37 @@ def export_onnx(
     return out
 
 
+def exported_for_inference(folder: Union[str, Path], quantize: str, notify: Callable[[str], None]) -> Path:
+    """The `export_onnx(folder, ..., quantize=quantize)` folder that the commands' `--quantize` runs: made once per
+    model content (config, generation config and weight files by SHA-256), scheme and retnet-hf version, in
+    `HF_HOME/retnet-hf/onnx/`, and reused after (`notify` hears when it is made). Never written into `folder`."""
+    from huggingface_hub import constants
+
+    from . import __version__
+    from .data import file_sha256
+
+    folder = Path(folder)
+    if quantize not in QUANTIZATIONS:
+        raise UsageError(f"quantize={quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{__version__}/{quantize}".encode())
+    for path in sorted(folder.iterdir()):
+        if path.name in COPIED_FILES or path.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{path.name}:{file_sha256(path)}".encode())
+    out = (
+        Path(constants.HF_HOME) / "retnet-hf" / "onnx" / f"{folder.resolve().name}-{quantize}-{digest.hexdigest()[:16]}"
+    )
+    if (out / MANIFEST).is_file():
+        return out
+    notify(f"exporting {folder} to ONNX with {quantize} weights, once (reused after): {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        export_onnx(folder, out, quantize=quantize, notify=notify)
+    except UsageError:
+        if not (out / MANIFEST).is_file():  # else another process made it meanwhile
+            raise
+    return out
+
+
 def _quantize_graph(path: Path, scheme: str) -> None:
     """Quantize the float32 graph at `path` in place with ONNX Runtime's own quantizers (`QUANTIZATIONS`)."""
     quantization = require("onnxruntime.quantization", "onnx")
@@ -315,7 +360,9 @@ def _quantize_graph(path: Path, scheme: str) -> None:
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=True, bits=4)
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(str(path)), block_size=32, is_symmetric=True, bits=4, accuracy_level=INT4_ACCURACY_LEVEL
+            )
             quantizer.process()
             quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
     finally:
@@ -457,24 +504,36 @@ class OnnxRetNet:
         return logits, states
 
     def prefill(
-        self, input_ids, attention_mask=None, states: Optional[States] = None, num_tokens: int = 0
+        self,
+        input_ids,
+        attention_mask=None,
+        states: Optional[States] = None,
+        num_tokens: int = 0,
+        *,
+        all_logits: bool = False,
     ) -> Tuple[np.ndarray, States, int]:
         """Feed `input_ids` `[B, T]` (after `states` at `num_tokens`, or from the start) in chunks of
-        `chunk_size`; returns the last token's logits `[B, V]`, the new states and the new count."""
+        `chunk_size`; returns the last token's logits `[B, V]` (with `all_logits`, every token's: `[B, T, V]`), the
+        new states and the new count."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0 or mask.shape != ids.shape:
             raise ValueError(f"input_ids must be [batch, length > 0] with a mask of that shape, got {ids.shape}")
         states = self.empty_states(ids.shape[0]) if states is None else states
-        logits = None
+        pieces = []
         for start in range(0, ids.shape[1], self.chunk_size):
-            end = start + self.chunk_size
+            chunk = ids[:, start : start + self.chunk_size]
+            width = chunk.shape[1]
             feed = {
-                "input_ids": ids[:, start:end],
-                "attention_mask": mask[:, start:end],
+                "input_ids": chunk,
+                "attention_mask": mask[:, start : start + width],
                 "num_tokens": np.array(num_tokens + start, dtype=np.int64),
+                "logit_positions": np.arange(width) if all_logits else np.array([width - 1]),
             }
             logits, states = self._run("prefill", feed, states)
+            if all_logits:
+                pieces.append(logits)
+        logits = np.concatenate(pieces, axis=1) if all_logits else logits[:, -1]
         return logits, states, num_tokens + ids.shape[1]
 
     def step(self, tokens, states: States, num_tokens: int) -> Tuple[np.ndarray, States]:
@@ -542,6 +601,113 @@ class OnnxRetNet:
         output = self.generate(rows, **kwargs)
         texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in output.tolist()]
         return texts[0] if single else texts
+
+
+# ------------------------------------------------------------------------- the exported folder in transformers
+
+
+class OnnxRetNetForCausalLM(RetNetPreTrainedModel, RetNetGenerationMixin):
+    """An exported folder (`export_onnx`, float32 or quantized) as a transformers causal LM: `generate()` with
+    every decoding strategy but assisted ones, streaming, `stop_strings`, a `RetNetCache` to continue from (chat),
+    and lm-eval's `HFLM` run on ONNX Runtime through it, as optimum's ORT models do for others. The forward
+    takes token ids: a prompt runs the prefill graph chunk by chunk, a token after a state the step graph, and
+    the cache holds the graphs' states as torch tensors (shared with numpy, no copies). Made by `from_folder`;
+    it holds no torch weights. CPU only."""
+
+    def __init__(self, config, runner: "OnnxRetNet"):
+        super().__init__(config)
+        self.runner = runner
+        self.eval()
+
+    @classmethod
+    def from_folder(cls, folder: Union[str, Path], *, threads: Optional[int] = None) -> "OnnxRetNetForCausalLM":
+        """The causal LM of an exported `folder` (its `config.json` and `generation_config.json`)."""
+        from transformers import GenerationConfig
+
+        from .model import RetNetConfig
+
+        runner = OnnxRetNet(folder, threads=threads)
+        model = cls(RetNetConfig.from_pretrained(str(folder)), runner)
+        if (Path(folder) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _validate_generation_mode(self, generation_mode, *args, **kwargs):
+        from transformers.generation.utils import GenerationMode
+
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "assisted generation and prompt lookup roll the state back, which the ONNX graphs do not record; "
+                "run them on the PyTorch model (without --quantize)"
+            )
+        return super()._validate_generation_mode(generation_mode, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[RetNetCache] = None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[RetNetCache] = None,
+        output_attentions: Optional[bool] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`input_ids` `[B, T]` after the state in `cache` (none: from the start); `attention_mask` `[B, T]` or
+        `[B, past + T]` (its last T columns are these tokens'). Returns `logits` `[B, T', V]` float32 as
+        `RetNetForCausalLM` (`logits_to_keep`), and the cache, written, with `use_cache`. What the graphs cannot
+        take (embeddings, labels, hidden states; `position_ids` and a form are not arguments) is refused, naming it."""
+        _split_kwargs(kwargs)
+        _refuse_attentions(output_attentions)
+        named = {"inputs_embeds": inputs_embeds, "labels": labels, "output_hidden_states": output_hidden_states}
+        given = [name for name, value in named.items() if value is not None and value is not False]
+        if given or input_ids is None:
+            raise ValueError(
+                f"the ONNX Runtime model takes input_ids only, not {', '.join(given) or 'inputs_embeds'}; use the "
+                "PyTorch model (RetNetForCausalLM, or the commands without --quantize) for that"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = _one_cache(cache, past_key_values)
+        if cache is not None and not isinstance(cache, RetNetCache):
+            raise TypeError(f"cache must be a RetNetCache (as returned by this model), got {type(cache)}")
+        if cache is not None and cache.states_to_keep():
+            raise ValueError("the cache records draft states for a rollback, which the ONNX graphs do not do")
+        ids = input_ids.detach().cpu().numpy()
+        length = ids.shape[1]
+        mask = None if attention_mask is None else attention_mask[:, -length:].detach().cpu().numpy()
+        has_state = cache is not None and cache.layers[0].state is not None
+        states = [t.numpy() for state in cache.states for t in state] if has_state else None
+        count = cache.num_tokens if has_state else 0
+        if has_state and length == 1 and (mask is None or mask.all()):
+            logits, states = self.runner.step(ids, states, count)
+            logits = logits[:, None]
+        else:
+            last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1
+            logits, states, _ = self.runner.prefill(ids, mask, states, count, all_logits=not last_only)
+            logits = logits[:, None] if last_only else logits
+        logits = torch.from_numpy(logits)
+        if not isinstance(logits_to_keep, int):
+            logits = logits[:, logits_to_keep]
+        elif logits_to_keep > 1:
+            logits = logits[:, -logits_to_keep:]
+        if use_cache:
+            cache = RetNetCache(self.config.decoder_layers) if cache is None else cache
+            for i in range(self.config.decoder_layers):
+                cache.update_state(i, (torch.from_numpy(states[2 * i]), torch.from_numpy(states[2 * i + 1])), length)
+        output = CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
+        return output if return_dict is not False else output.to_tuple()
 
 
 def left_padded(input_ids, attention_mask=None, pad_token_id: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -620,4 +786,13 @@ def generate(
     return runner.generate(inputs, max_new_tokens=max_new_tokens, **kwargs)
 
 
-__all__ = ["MANIFEST", "OnnxRetNet", "export_onnx", "generate", "left_padded", "state_names"]
+__all__ = [
+    "MANIFEST",
+    "OnnxRetNet",
+    "exported_for_inference",
+    "OnnxRetNetForCausalLM",
+    "export_onnx",
+    "generate",
+    "left_padded",
+    "state_names",
+]

@@ -69,19 +69,33 @@ def terminal_streamer(tokenizer, stop: Optional[str] = None, out=None):
     return TerminalStreamer()
 
 
-def load_for_inference(folder: str, trust_remote_code: bool):
-    """The folder's causal LM (on the GPU if there is one, in evaluation mode) and tokenizer."""
+def load_for_inference(folder: str, trust_remote_code: bool, quantize: Optional[str] = None, **load_kwargs):
+    """The folder's causal LM (on the GPU if there is one, in evaluation mode) and tokenizer; `load_kwargs` (`dtype`)
+    go to `from_pretrained`.
+
+    With `quantize` ("int8", "int4"), a RetNet runs on ONNX Runtime with quantized weights (its export, made once and
+    reused: `onnx_runtime.exported_for_inference`) as an `OnnxRetNetForCausalLM`, the same for `generate()`, chat and
+    lm-eval; an `export-onnx` folder runs so as it is."""
     from pathlib import Path
 
     import torch
 
     from .loading import load_causal_lm, load_tokenizer
+    from .onnx_runtime import MANIFEST, OnnxRetNetForCausalLM, exported_for_inference
 
     if not (Path(folder) / "config.json").is_file():
         raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
-    model = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+    if quantize is not None:
+        if load_kwargs.get("dtype", "auto") not in ("auto", "float32", torch.float32):
+            raise UsageError(f"--quantize {quantize} runs quantized weights; leave out --dtype {load_kwargs['dtype']}")
+        notify = lambda message: print(f"retnet-hf: {message}", file=sys.stderr, flush=True)  # noqa: E731
+        model = OnnxRetNetForCausalLM.from_folder(exported_for_inference(folder, quantize, notify))
+    elif (Path(folder) / MANIFEST).is_file():
+        model = OnnxRetNetForCausalLM.from_folder(folder)
+    else:
+        model = load_causal_lm(folder, trust_remote_code=trust_remote_code, **load_kwargs)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.eval(), load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: Optional[int], **sampling) -> int:

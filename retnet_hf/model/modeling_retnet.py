@@ -1012,22 +1012,10 @@ class RetNetModel(RetNetPreTrainedModel):
         return resets if is_torchdynamo_compiling() or resets.any() else None
 
 
-class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
-    """RetNet with a language-modelling head (`lm_head`, torchscale's `output_projection`)."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: RetNetConfig):
-        super().__init__(config)
-        self.model = RetNetModel(config)
-        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.model.embed_tokens = value
+class RetNetGenerationMixin(GenerationMixin):
+    """What generate() needs to know of a RetNet causal LM: it makes a `RetNetCache` up front, refuses a rollback
+    transformers cannot do, and may compile the one-token step. Shared by `RetNetForCausalLM` and the causal LMs that
+    run the same model elsewhere (`retnet_hf.onnx_runtime.OnnxRetNetForCausalLM`)."""
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """Give generate() a fresh RetNetCache up front (chunked prefill needs one); the base class would not. An
@@ -1068,6 +1056,24 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         quantizer = getattr(self, "hf_quantizer", None)
         offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)
         return not offloaded and (quantizer is None or quantizer.is_compileable)
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, RetNetGenerationMixin):
+    """RetNet with a language-modelling head (`lm_head`, torchscale's `output_projection`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -1214,6 +1220,7 @@ __all__ = [
     "RetNetCache",
     "RetNetForCausalLM",
     "RetNetForSequenceClassification",
+    "RetNetGenerationMixin",
     "RetNetModel",
     "RetNetPreTrainedModel",
     "enable_activation_checkpointing",

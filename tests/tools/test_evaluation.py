@@ -425,3 +425,45 @@ def test_a_context_too_short_for_the_generation_task_is_a_message(trained, tmp_p
     argv = ["eval", str(trained), "--max-length", str(length), "--output", str(tmp_path / "r.json")]
     assert main(argv) == 2
     assert "give more than 32" in capsys.readouterr().err
+
+
+def test_eval_on_onnx_runtime_scores_as_pytorch_and_quantize_runs_there(trained, tasks, tmp_path, capsys, monkeypatch):
+    """The folder exported float32, as `OnnxRetNetForCausalLM` in lm-eval's own HFLM: PyTorch's loglikelihoods (to
+    1e-4) and generations; `eval --quantize int8` runs a quantized export made once in HF_HOME and says so."""
+    import huggingface_hub
+
+    from retnet_hf.onnx_runtime import OnnxRetNetForCausalLM, export_onnx
+
+    pytest.importorskip("onnxruntime", reason="the onnx extra")
+    export_onnx(trained, tmp_path / "onnx")
+    tokenizer = load_tokenizer(str(trained))
+    manager = task_manager([LOCAL_TAG], [tasks])
+    responses = {}
+    for name, model in (
+        ("torch", load_causal_lm(str(trained)).eval()),
+        ("onnx", OnnxRetNetForCausalLM.from_folder(tmp_path / "onnx")),
+    ):
+        results = lm_eval.simple_evaluate(
+            model=lm_eval_model(model, tokenizer, batch_size=4),
+            tasks=[LOCAL_TAG],
+            task_manager=manager,
+            limit=4,
+            log_samples=True,
+            bootstrap_iters=0,
+            gen_kwargs={"max_gen_toks": 12},
+        )
+        responses[name] = sample_responses(results)
+    for name in (NEXT_LINE, PERPLEXITY):
+        for doc_onnx, doc_torch in zip(responses["onnx"][name], responses["torch"][name]):
+            scores_onnx = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_onnx]
+            scores_torch = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_torch]
+            assert scores_onnx == pytest.approx(scores_torch, rel=1e-4, abs=1e-4), name
+    assert responses["onnx"][GENERATE] == responses["torch"][GENERATE]
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "results.json"
+    assert main(["eval", str(trained), "--quantize", "int8", "--limit", "3", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["retnet_hf"]["quantize"] == "int8" and set(results["results"]) >= set(LOCAL_TASKS)
+    assert len(list((tmp_path / "hf" / "retnet-hf" / "onnx").iterdir())) == 1
+    assert "exporting" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from retnet_hf import onnx_runtime  # noqa: E402
 from retnet_hf.cli import main  # noqa: E402
 from retnet_hf.errors import UsageError  # noqa: E402
+from retnet_hf.model import CACHE_NAME  # noqa: E402
 from retnet_hf.onnx_runtime import MANIFEST, OnnxRetNet, export_onnx, generate, left_padded  # noqa: E402
 
 from conftest import cache_of, random_ids, tiny_model  # noqa: E402
@@ -112,12 +113,13 @@ def test_the_export_holds_two_graphs_with_dynamic_batch_and_length_the_config_an
         ["input_ids", ["batch", "length"]],
         ["attention_mask", ["batch", "length"]],
         ["num_tokens", []],
+        ["logit_positions", ["kept"]],
         *states,
     ]
     assert [[i.name, i.shape] for i in step.get_inputs()] == [["input_ids", ["batch", 1]], ["num_tokens", []], *states]
-    for session in (prefill, step):
+    for session, logits in ((prefill, ["batch", "kept", 64]), (step, ["batch", 64])):
         assert [[o.name, o.shape] for o in session.get_outputs()] == [
-            ["logits", ["batch", 64]],
+            ["logits", logits],
             *[["next_" + name, shape] for name, shape in states],
         ]
 
@@ -145,6 +147,10 @@ def test_prefill_gives_pytorchs_logits_and_states(model, runner, lengths):
     assert len(states) == len(expected)
     for got, reference in zip(states, expected):
         assert relative(got, reference) < TOLERANCE
+    every, _, _ = runner.prefill(ids.numpy(), mask.numpy(), all_logits=True)  # what eval scores a text with
+    assert every.shape == tuple(out.logits.shape)
+    real = mask.bool()
+    assert relative(every[real.numpy()], out.logits[real]) < TOLERANCE
 
 
 @pytest.mark.parametrize("lengths", [[6], [9, 3, 14]], ids=["single", "left-padded"])
@@ -447,3 +453,86 @@ def test_a_quantized_export_that_disagrees_too_much_is_not_published(source, tmp
     monkeypatch.setitem(onnx_runtime.QUANTIZED_TOLERANCE, "int8", 1e-9)  # as if the graph were broken
     assert main(["export-onnx", str(folder), str(tmp_path / "out"), "--quantize", "int8"]) == 2
     assert "disagrees with PyTorch" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------- the exported folder as a transformers causal LM
+
+
+@pytest.fixture(scope="module")
+def onnx_lm(exported):
+    return onnx_runtime.OnnxRetNetForCausalLM.from_folder(exported[0], threads=1)
+
+
+def test_the_onnx_causal_lm_scores_a_left_padded_batch_as_pytorch(model, onnx_lm):
+    """What lm-eval's HFLM asks of a model: every position's logits of a batch, without a cache."""
+    ids, mask = left_padded_batch([2 * CHUNK + 3, 5, 1])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        got = onnx_lm(ids, attention_mask=mask).logits
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    real = mask.bool()
+    assert relative(got[real].numpy(), expected[real]) < TOLERANCE
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
+def test_the_onnx_causal_lm_generates_pytorchs_tokens_and_continues_from_its_cache(model, onnx_lm, kwargs):
+    """generate() on ONNX Runtime: the same tokens and per-step scores as on PyTorch, for a left-padded batch; and a
+    second call that continues from the returned cache (as chat does) equals PyTorch's continuation."""
+    ids, mask = left_padded_batch([CHUNK + 3, 4], seed=5)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs)
+    out = {}
+    for name, lm in (("torch", model), ("onnx", onnx_lm)):
+        out[name] = lm.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **settings)
+    assert torch.equal(out["onnx"].sequences, out["torch"].sequences)
+    for got, expected in zip(out["onnx"].scores, out["torch"].scores):
+        assert relative(got.numpy(), expected) < TOLERANCE
+    if kwargs:
+        return
+    more = random_ids(2, 3, seed=6)
+    follow = {}
+    for name, lm in (("torch", model), ("onnx", onnx_lm)):
+        sequence = torch.cat([out[name].sequences, more], dim=1)
+        follow[name] = lm.generate(
+            sequence,
+            attention_mask=torch.cat([mask, torch.ones(2, sequence.shape[1] - mask.shape[1], dtype=mask.dtype)], 1),
+            **{CACHE_NAME: getattr(out[name], CACHE_NAME)},
+            max_new_tokens=4,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    assert torch.equal(follow["onnx"], follow["torch"])
+
+
+def test_the_onnx_causal_lm_refuses_what_its_graphs_cannot_do(model, onnx_lm):
+    ids = random_ids(1, 4)
+    with pytest.raises(ValueError, match="input_ids only, not inputs_embeds"):
+        onnx_lm(inputs_embeds=torch.zeros(1, 4, model.config.decoder_embed_dim))
+    with pytest.raises(ValueError, match="not labels"):
+        onnx_lm(ids, labels=ids)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'temperature'"):
+        onnx_lm(ids, temperature=0.5)
+    with pytest.raises(ValueError, match="roll the state back"):
+        onnx_lm.generate(ids, prompt_lookup_num_tokens=2, max_new_tokens=3, pad_token_id=0)
+
+
+def test_generate_quantize_exports_once_and_runs_the_export(source, exported, tmp_path, capsys, monkeypatch):
+    """`generate --quantize int4` exports the folder into HF_HOME the first time, reuses it after; `generate` on an
+    export-onnx folder runs it, greedy, as the PyTorch model writes."""
+    import huggingface_hub
+
+    _, folder = source
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
+    command = ["generate", str(folder), "--prompt", "w5 w9", "--greedy", "--max-new-tokens", "6"]
+    printed = []
+    for _ in range(2):
+        assert main([*command, "--quantize", "int4"]) == 0
+        printed.append(capsys.readouterr())
+    made = list((tmp_path / "hf" / "retnet-hf" / "onnx").iterdir())
+    assert len(made) == 1 and json.loads((made[0] / MANIFEST).read_text())["quantization"]["scheme"] == "int4"
+    assert "exporting" in printed[0].err and "exporting" not in printed[1].err
+    assert printed[0].out == printed[1].out and printed[0].out.startswith("w5 w9")
+    texts = []
+    for model in (folder, exported[0]):
+        assert main(["generate", str(model), *command[2:]]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0].split()) > 2

@@ -35,6 +35,7 @@ from retnet_hf import (
 from retnet_hf.model.modeling_retnet import (
     NATIVE_RECURRENT_CACHE,
     GradientCheckpointingLayer,
+    RetNetGenerationMixin,
     RetNetPreTrainedModel,
 )
 
@@ -188,7 +189,7 @@ def test_generate_hands_the_model_its_cache_up_front(monkeypatch):
     if CHUNKED_PREFILL:
         assert torch.equal(model.generate(ids, prefill_chunk_size=3, max_new_tokens=4, do_sample=False), reference)
 
-    monkeypatch.delattr(RetNetForCausalLM, "_prepare_cache_for_generation")  # the base class's hook again
+    monkeypatch.delattr(RetNetGenerationMixin, "_prepare_cache_for_generation")  # the base class's hook again
     with FirstCacheSeen(model) as seen:
         model.generate(ids, max_new_tokens=4, do_sample=False)
     assert seen.caches[0] is None
@@ -368,12 +369,13 @@ handle = model.model.register_forward_pre_hook(
     lambda m, a, kw: first_caches.append(type(kw.get("cache")).__name__), with_kwargs=True)
 model.generate(ids, max_new_tokens=2, do_sample=False)
 report["first_cache_with_hook"] = first_caches[0]
-hook = cls._prepare_cache_for_generation
-del cls._prepare_cache_for_generation
+hook_owner = next(c for c in cls.__mro__ if "_prepare_cache_for_generation" in c.__dict__)
+hook = hook_owner.__dict__["_prepare_cache_for_generation"]
+delattr(hook_owner, "_prepare_cache_for_generation")
 first_caches.clear()
 model.generate(ids, max_new_tokens=2, do_sample=False)
 report["first_cache_without_hook"] = first_caches[0]
-cls._prepare_cache_for_generation = hook
+setattr(hook_owner, "_prepare_cache_for_generation", hook)
 handle.remove()
 owner = next(c for c in cls.__mro__ if "_supports_default_dynamic_cache" in c.__dict__ and c is not GenerationMixin)
 saved = owner.__dict__["_supports_default_dynamic_cache"]

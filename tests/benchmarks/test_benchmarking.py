@@ -427,3 +427,18 @@ def test_bench_cpu_inference_quick_on_retnet_s_paths(tmp_path, capsys):
         "context 256: best quantized RetNet path retnet-onnx-int8 at 1.50x q4 (goal 1x): met",
         "context 32768: best quantized RetNet path retnet-onnx-int4 at 12.00x q4 (goal 20x): not met",
     ]
+
+
+def test_bench_quantized_quality_quick(tmp_path):
+    """The quality benchmark end to end on a tiny random model: one row per scheme, float32 agreeing with itself."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra")
+    from benchmarks import quantized_quality
+
+    argv = ["--quick", "--work", str(tmp_path / "models"), "--out", str(tmp_path), "--threads", "1"]
+    assert quantized_quality.main(argv) == 0
+    rows = json.loads((tmp_path / "quantized_quality.json").read_text())
+    assert [row["scheme"] for row in rows] == ["fp32", "int8", "int4"]
+    fp32 = rows[0]
+    assert fp32["vs fp32"] == "+0.00%" and fp32["top-1 agreement (teacher-forced)"] == "100.0%"
+    assert fp32["max logit difference / scale"] == 0.0
+    assert all(1 < row["held-out perplexity"] < 64 * 4 for row in rows)  # a random 64-token model: about 64

@@ -15,6 +15,10 @@ variants are run in `--rounds` interleaved rounds (`common.interleaved_timings`)
 given as a multiple of llama.cpp's fastest variant at the same context (the median of the per-round ratios), with
 the goal (at least as fast at every context, 20x at 32k) met or not. The load average is printed before and after.
 
+`--variants` may also name transformers' own quantization configs on the eager model (`TRANSFORMERS_CONFIGS`:
+torchao int8 weight-only and dynamic-activation, quanto int8/int4, bitsandbytes 8-bit/4-bit), given as multiples
+of eager float32; a config that does not load or run here is a row saying why.
+
 Needs `pip install -e ".[bench]"` (llama-cpp-python compiles llama.cpp: about 15 minutes on 2 cores; on these
 machines build it with AMX off, see the README) and the `onnx` extra. Never part of CI. Full run: about an hour on 2
 cores; `--quick` (tiny models, short contexts): a few minutes, most of it the exports.
@@ -37,6 +41,8 @@ from .common import (
     interleaved_timings,
     load_average,
     machine_description,
+    measure_bandwidth,
+    measure_read_bandwidth,
     paired_median_ratio,
     parse_ints,
     publish,
@@ -44,11 +50,23 @@ from .common import (
     same_size_llama,
     save_figure,
     size_config,
+    weight_bytes_per_token,
 )
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RETNET_VARIANTS = ("retnet-eager-fp32", "retnet-onnx-fp32", "retnet-onnx-int8", "retnet-onnx-int4")
+# transformers' own quantization configs that run on a CPU, on the eager model (`from_pretrained(...,
+# quantization_config=...)`): not among the defaults (the commands' --quantize runs ONNX Runtime, which beat them
+# all here); `--variants` names them for the comparison
+TRANSFORMERS_CONFIGS = (
+    "retnet-eager-torchao-int8-weight-only",
+    "retnet-eager-torchao-int8-dynamic",
+    "retnet-eager-quanto-int8",
+    "retnet-eager-quanto-int4",
+    "retnet-eager-bnb-8bit",
+    "retnet-eager-bnb-4bit",
+)
 LLAMA_QUANTS = ("q8_0", "q4_0")
 LLAMA_VARIANTS = tuple(f"llama.cpp-{q}-fa-{fa}" for q in LLAMA_QUANTS for fa in ("on", "off"))
 PREFILL_TOKENS = 512
@@ -214,7 +232,9 @@ def measure(variant: str, paths: Dict[str, str], context: int, new_tokens: int, 
     from retnet_hf import CACHE_NAME, RetNetForCausalLM
 
     torch.set_num_threads(threads)
-    model = RetNetForCausalLM.from_pretrained(paths["retnet"]).eval()
+    scheme = variant.removeprefix("retnet-eager-")
+    quantization = {} if scheme == "fp32" else {"quantization_config": transformers_config(scheme)}
+    model = RetNetForCausalLM.from_pretrained(paths["retnet"], **quantization).eval()
     vocab = model.config.vocab_size
     with torch.no_grad():
         start = time.perf_counter()
@@ -230,12 +250,30 @@ def measure(variant: str, paths: Dict[str, str], context: int, new_tokens: int, 
     return {"decode tok/s": 1 / statistics.median(times[2:]), "prefill tok/s": prefill}
 
 
+def transformers_config(scheme: str):
+    """transformers' quantization config for an eager variant (`TRANSFORMERS_CONFIGS`)."""
+    import transformers
+
+    if scheme.startswith("torchao"):
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+        kind = Int8WeightOnlyConfig() if scheme.endswith("weight-only") else Int8DynamicActivationInt8WeightConfig()
+        return transformers.TorchAoConfig(kind)
+    if scheme.startswith("quanto"):
+        return transformers.QuantoConfig(weights=scheme.split("-")[1])
+    if scheme == "bnb-8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
 def run_child(variant: str, paths: dict, context: int, args) -> dict:
     """`measure` in a new process (its own memory, nothing warm from another variant)."""
     command = [sys.executable, "-m", "benchmarks.cpu_inference", "--child", variant, "--paths", json.dumps(paths)]
     command += ["--context", str(context), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=3600)
     if done.returncode != 0:
+        if variant in TRANSFORMERS_CONFIGS:  # a config that does not run here is a finding, not the run's end
+            return {"failed": done.stderr.strip().splitlines()[-1][:200]}
         raise RuntimeError(f"{variant} at {context}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -244,7 +282,7 @@ def run_child(variant: str, paths: dict, context: int, args) -> dict:
 
 
 def benchmark(paths: dict, args) -> List[dict]:
-    variants = [v for v in RETNET_VARIANTS + LLAMA_VARIANTS if v in args.variants]
+    variants = [v for v in RETNET_VARIANTS + TRANSFORMERS_CONFIGS + LLAMA_VARIANTS if v in args.variants]
     rows = []
     for context in args.contexts:
         results: Dict[str, List[dict]] = {v: [] for v in variants}
@@ -252,13 +290,18 @@ def benchmark(paths: dict, args) -> List[dict]:
         def measure_in_child(variant, context=context):
             figures = run_child(variant, {k: str(p) for k, p in paths.items()}, context, args)
             results[variant].append(figures)
-            return 1 / figures["decode tok/s"]  # seconds per token: the figure interleaved_timings pairs
+            return 1 / figures["decode tok/s"] if "failed" not in figures else float("nan")  # seconds per token
 
         print(f"context {context}: {len(variants)} variants x {args.rounds} rounds ...", flush=True)
         seconds = interleaved_timings({v: (lambda v=v: measure_in_child(v)) for v in variants}, args.rounds)
         llama = [v for v in variants if v.startswith("llama.cpp")]
         fastest = min(llama, key=lambda v: statistics.median(seconds[v])) if llama else None
+        reference = "retnet-eager-fp32" if "retnet-eager-fp32" in variants else None
         for variant in variants:
+            failed = [r["failed"] for r in results[variant] if "failed" in r]
+            if failed:
+                rows.append({"variant": variant, "context": context, "failed": failed[0]})
+                continue
             decode = [r["decode tok/s"] for r in results[variant]]
             prefill = [r["prefill tok/s"] for r in results[variant]]
             row = {
@@ -271,8 +314,43 @@ def benchmark(paths: dict, args) -> List[dict]:
             if fastest and variant.startswith("retnet"):
                 row["x fastest llama.cpp"] = paired_median_ratio(seconds[fastest], seconds[variant])
                 row["fastest llama.cpp"] = fastest
+            if reference and variant.startswith("retnet"):
+                row["x eager fp32"] = paired_median_ratio(seconds[reference], seconds[variant])
             rows.append(row)
     return rows
+
+
+def retnet_step_bytes(folder: Path) -> int:
+    """The bytes a float32 RetNet decode step at batch 1 must move at least: every weight but the input embedding
+    table read once (`weight_bytes_per_token`), and the state read and written."""
+    from retnet_hf import RetNetForCausalLM
+
+    model = RetNetForCausalLM.from_pretrained(folder)
+    config = model.config
+    state = config.decoder_layers * config.decoder_embed_dim * config.decoder_value_embed_dim
+    state //= config.decoder_retention_heads  # per layer H x Dk x Dv = d x dv / H
+    return weight_bytes_per_token(model) + 2 * 4 * state
+
+
+def bandwidth_probes(threads: int) -> Dict[str, float]:
+    """GB/s of the read probes (`measure_read_bandwidth`: mv, [1, k] x [k, n], sum of 256 MiB; and `x.sum()` of 512
+    MiB) with `threads` threads, and `best`: the ceiling's bandwidth."""
+    import torch
+
+    torch.set_num_threads(threads)
+    probes = measure_read_bandwidth()
+    probes.pop("best")
+    probes["sum 512"] = measure_bandwidth(512)
+    probes["best"] = max(probes.values())
+    return probes
+
+
+def add_ceiling(rows: List[dict], step_bytes: int, bandwidth: float) -> None:
+    """Each float32 RetNet row's decode as a share of the memory-bound ceiling `bandwidth` / `step_bytes`."""
+    ideal = bandwidth * 1e9 / step_bytes
+    for row in rows:
+        if row["variant"].endswith("fp32") and row["variant"].startswith("retnet") and "decode tok/s" in row:
+            row["% ceiling"] = round(100 * row["decode tok/s"] / ideal, 1)
 
 
 def goals(rows: List[dict]) -> List[str]:
@@ -291,13 +369,21 @@ def goals(rows: List[dict]) -> List[str]:
             f"context {context}: best quantized RetNet path {best['variant']} at {best['x fastest llama.cpp']:.2f}x "
             f"{best['fastest llama.cpp']} (goal {target:g}x): {met}"
         )
+    shares = [r for r in rows if r.get("% ceiling") is not None]
+    if shares:
+        best = max(shares, key=lambda r: r["% ceiling"])
+        met = "met" if best["% ceiling"] >= 95 else "not met"
+        lines.append(
+            f"float32 decode at batch 1: best {best['variant']} at {best['% ceiling']}% of the bandwidth ceiling "
+            f"(context {best['context']}; goal 95%): {met}"
+        )
     return lines
 
 
 def plot(rows: List[dict], path: Path) -> str:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant in sorted({r["variant"] for r in rows}):
+    for variant in sorted({r["variant"] for r in rows if "failed" not in r}):
         points = sorted((r["context"], r["decode tok/s"]) for r in rows if r["variant"] == variant)
         axis.plot(*zip(*points), marker="o", label=variant, linestyle="-" if variant.startswith("retnet") else "--")
     axis.set_xscale("log", base=2)
@@ -340,9 +426,20 @@ def main(argv=None) -> int:
     ]
     print("\n".join(preamble), flush=True)
     paths = prepare(Path(args.work), args.size, args.variants)
+    step_bytes = retnet_step_bytes(paths["retnet"])
+    probes = bandwidth_probes(args.threads)
     rows = benchmark(paths, args)
+    add_ceiling(rows, step_bytes, probes["best"])
+    preamble.append(
+        f"read bandwidth ({args.threads} threads, GB/s): "
+        + ", ".join(f"{name} {value:.1f}" for name, value in probes.items())
+        + f"; a float32 RetNet step moves {step_bytes / 1e6:.0f} MB (weights but the input embedding, the state "
+        "read and written): the ceiling is best / that"
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    columns = ["variant", "context", "decode tok/s", "x fastest llama.cpp", "fastest llama.cpp", "prefill 512 tok/s"]
+    columns = ["variant", "context", "decode tok/s", "x fastest llama.cpp", "fastest llama.cpp", "x eager fp32"]
+    columns += ["% ceiling"]
+    columns += ["prefill 512 tok/s", "failed"]
     png = plot(rows, Path(args.out) / "cpu_inference.png")
     body = [format_table(rows, columns + ["decode by round"]), *goals(rows), f"load average after: {load_average()}"]
     publish(args.out, "cpu_inference", preamble, body, rows, png)

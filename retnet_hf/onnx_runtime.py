@@ -1,6 +1,9 @@
-"""RetNet on ONNX Runtime: `export_onnx(folder, out)` writes a model folder as two ONNX graphs, and `OnnxRetNet`
-(or the one-call `generate`) decodes with them, greedy or sampled, on left-padded batches: the runner computes with
-onnxruntime and numpy, and samples with transformers' logits warpers.
+"""RetNet on ONNX Runtime: `export_onnx(folder, out)` writes a model folder as two ONNX graphs (float32, or with
+weights quantized by ONNX Runtime's own quantizers), and `OnnxRetNet` (or the one-call `generate`) decodes with them,
+greedy or sampled, on left-padded batches: the runner computes with onnxruntime and numpy, and samples with
+transformers' logits warpers. `OnnxRetNetForCausalLM` puts the graphs behind transformers' causal-LM interface
+(`generate()`, a `RetNetCache`, lm-eval), and `exported_for_inference` makes the quantized export that the commands'
+`--quantize` runs, once per model.
 
 The two graphs are traced by `torch.onnx.export(..., dynamo=True)` from small wrappers around the model's own
 `forward` (nothing of the math is written again here); every input and output is a plain tensor:

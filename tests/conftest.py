@@ -64,6 +64,14 @@ def logits_token_by_token(model, ids, cache=None):
     return torch.stack(steps, dim=1)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A test leaves torch's thread count as it found it (the commands that run ONNX Runtime set it to 1)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -536,3 +536,11 @@ def test_generate_quantize_exports_once_and_runs_the_export(source, exported, tm
         assert main(["generate", str(model), *command[2:]]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and len(texts[0].split()) > 2
+
+
+def test_the_commands_run_onnx_runtime_with_one_torch_thread(exported, capsys):
+    """torch's threads would busy-wait between generate()'s small operations and take the cores from ONNX Runtime's:
+    a command that runs an exported folder leaves torch one."""
+    torch.set_num_threads(2)
+    assert main(["generate", str(exported[0]), "--prompt", "w5", "--greedy", "--max-new-tokens", "2"]) == 0
+    assert torch.get_num_threads() == 1

@@ -85,17 +85,17 @@ def load_for_inference(folder: str, trust_remote_code: bool, quantize: Optional[
 
     if not (Path(folder) / "config.json").is_file():
         raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
-    if quantize is not None or (Path(folder) / MANIFEST).is_file():
-        # ONNX Runtime does the work; torch's own threads, busy-waiting after each small operation of generate(),
-        # would take the cores from it (125m int4 decode, 2 cores: 37-47 tokens/s with torch's 2, 95-112 with 1)
-        torch.set_num_threads(1)
+    exported = folder if (Path(folder) / MANIFEST).is_file() else None
     if quantize is not None:
         if load_kwargs.get("dtype", "auto") not in ("auto", "float32", torch.float32):
             raise UsageError(f"--quantize {quantize} runs quantized weights; leave out --dtype {load_kwargs['dtype']}")
         notify = lambda message: print(f"retnet-hf: {message}", file=sys.stderr, flush=True)  # noqa: E731
-        model = OnnxRetNetForCausalLM.from_folder(exported_for_inference(folder, quantize, notify))
-    elif (Path(folder) / MANIFEST).is_file():
-        model = OnnxRetNetForCausalLM.from_folder(folder)
+        exported = exported_for_inference(folder, quantize, notify)
+    if exported is not None:
+        # ONNX Runtime does the work; torch's own threads, busy-waiting after each small operation of generate(),
+        # would take the cores from it (125m int4 decode, 2 cores: 37-47 tokens/s with torch's 2, 95-112 with 1)
+        torch.set_num_threads(1)
+        model = OnnxRetNetForCausalLM.from_folder(exported)
     else:
         model = load_causal_lm(folder, trust_remote_code=trust_remote_code, **load_kwargs)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")

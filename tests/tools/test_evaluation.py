@@ -118,6 +118,25 @@ def test_the_context_length_a_retnet_gets(trained):
     assert lm_eval_model(model, tokenizer).max_length == UNBOUNDED_CONTEXT
 
 
+def local_task_responses(model, tokenizer, manager, batch_size: int, limit: int) -> dict:
+    """Each local task's per-document responses from lm-eval's own HFLM around `model` (12 generated tokens at most)."""
+    results = lm_eval.simple_evaluate(
+        model=lm_eval_model(model, tokenizer, batch_size=batch_size),
+        tasks=[LOCAL_TAG],
+        task_manager=manager,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": 12},
+    )
+    return sample_responses(results)
+
+
+def scores(doc) -> list:
+    """A document's loglikelihoods (the first field of each (score, is_greedy) response)."""
+    return [r[0] if isinstance(r, (list, tuple)) else r for r in doc]
+
+
 def test_batch_sizes_1_and_4_agree(trained, tasks):
     """The three local tasks through lm-eval's own HFLM: loglikelihoods to 1e-5, the same generations; the batch-4
     run did send right-padded rows without a mask, and left-padded prompts with one."""
@@ -126,24 +145,15 @@ def test_batch_sizes_1_and_4_agree(trained, tasks):
     responses, calls = {}, {}
     for batch_size in (1, 4):
         recorder = ForwardCalls(model)
-        results = lm_eval.simple_evaluate(
-            model=lm_eval_model(model, tokenizer, batch_size=batch_size),
-            tasks=[LOCAL_TAG],
-            task_manager=manager,
-            limit=6,
-            log_samples=True,
-            bootstrap_iters=0,
-            gen_kwargs={"max_gen_toks": 12},
-        )
+        responses[batch_size] = local_task_responses(model, tokenizer, manager, batch_size, limit=6)
         recorder.remove()
-        responses[batch_size], calls[batch_size] = sample_responses(results), recorder.calls
+        calls[batch_size] = recorder.calls
     assert set(responses[1]) == set(LOCAL_TASKS)
     for name in (NEXT_LINE, PERPLEXITY):
         one, four = responses[1][name], responses[4][name]
         assert len(one) == len(four) == 6
         for doc_one, doc_four in zip(one, four):
-            scores_one = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_one]
-            scores_four = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_four]
+            scores_one, scores_four = scores(doc_one), scores(doc_four)
             assert scores_four == pytest.approx(scores_one, rel=1e-5, abs=1e-5), name
             assert all(math.isfinite(s) and s < 0 for s in scores_one)
         if name == NEXT_LINE:  # and the same greedy flags
@@ -443,21 +453,10 @@ def test_eval_on_onnx_runtime_scores_as_pytorch_and_quantize_runs_there(trained,
         ("torch", load_causal_lm(str(trained)).eval()),
         ("onnx", OnnxRetNetForCausalLM.from_folder(tmp_path / "onnx")),
     ):
-        results = lm_eval.simple_evaluate(
-            model=lm_eval_model(model, tokenizer, batch_size=4),
-            tasks=[LOCAL_TAG],
-            task_manager=manager,
-            limit=4,
-            log_samples=True,
-            bootstrap_iters=0,
-            gen_kwargs={"max_gen_toks": 12},
-        )
-        responses[name] = sample_responses(results)
+        responses[name] = local_task_responses(model, tokenizer, manager, batch_size=4, limit=4)
     for name in (NEXT_LINE, PERPLEXITY):
         for doc_onnx, doc_torch in zip(responses["onnx"][name], responses["torch"][name]):
-            scores_onnx = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_onnx]
-            scores_torch = [r[0] if isinstance(r, (list, tuple)) else r for r in doc_torch]
-            assert scores_onnx == pytest.approx(scores_torch, rel=1e-4, abs=1e-4), name
+            assert scores(doc_onnx) == pytest.approx(scores(doc_torch), rel=1e-4, abs=1e-4), name
     assert responses["onnx"][GENERATE] == responses["torch"][GENERATE]
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))

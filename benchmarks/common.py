@@ -66,7 +66,7 @@ def llama_parameter_count(config) -> int:
 
 # The sizes the benchmarks run at, from the package's presets: `--size`.
 SIZES: Dict[str, dict] = {
-    "125m": dict(preset="125m", vocab_size=32000, recurrent_chunk_size=512),  # 124,373,760 parameters
+    "125m": dict(preset="125m", vocab_size=32000),  # 124,373,760 parameters
     "base": dict(preset="retnet_base", vocab_size=32000),  # torchscale's retnet_base, 51.8M
     "tiny": dict(preset="tiny", vocab_size=512, recurrent_chunk_size=32),  # for --quick runs and the tests
 }

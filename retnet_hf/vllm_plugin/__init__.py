@@ -50,21 +50,24 @@ def _register_state_space_config() -> None:
 
     vLLM sets `cache_config.mamba_block_size` (without it no state cache can be allocated) and the prefix-caching
     mode of an attention-free model only in the hook that its internal `MODELS_CONFIG_MAP` names for the
-    architecture; there is no public API to add one. RetNet takes Mamba's hook, and in addition runs its forward
-    eagerly (no torch.compile, no CUDA graphs: the state update is plain PyTorch with per-sequence Python control
-    flow) unless the user chose a compilation mode.
+    architecture; there is no public API to add one. RetNet takes Mamba's hook, and in addition names its retention
+    op (`vllm::retnet_retention`) as the point where vLLM splits the compiled graph (vLLM's own list names
+    attention's and its state-space mixers' ops; where the user gave a list, the op is added to it), and leaves CUDA
+    graphs off unless the user chose a mode (the op's per-sequence Python control flow does not capture).
     """
     from vllm.model_executor.models import config as model_configs
 
     class RetNetModelConfig(model_configs.MambaModelConfig):
         @classmethod
         def verify_and_update_config(cls, vllm_config) -> None:
-            from vllm.config.compilation import CompilationMode, CUDAGraphMode
+            from vllm.config.compilation import CUDAGraphMode
+
+            from .model import RETENTION_OP
 
             super().verify_and_update_config(vllm_config)
             compilation = vllm_config.compilation_config
-            if compilation.mode is None:
-                compilation.mode = CompilationMode.NONE
+            if RETENTION_OP not in (compilation.splitting_ops or []):
+                compilation.splitting_ops = [*(compilation.splitting_ops or []), RETENTION_OP]
             if compilation.cudagraph_mode is None:
                 compilation.cudagraph_mode = CUDAGraphMode.NONE
 

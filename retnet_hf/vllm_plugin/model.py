@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Set, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -30,6 +31,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.sequence import IntermediateTensors
+from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.linear_attn import LinearAttentionMetadata
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
@@ -95,15 +98,10 @@ class RetNetRetention(nn.Module, MambaBase):
         return STATE_DTYPE, STATE_DTYPE
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotation: Tuple[torch.Tensor, torch.Tensor],
-        log_decay: torch.Tensor,
-        plan: Optional["StepPlan"],
+        self, hidden_states: torch.Tensor, rotation: Tuple[torch.Tensor, torch.Tensor], log_decay: torch.Tensor
     ) -> torch.Tensor:
         """`hidden_states` `[N, d]`; `rotation` `(cos, sin)` `[N, D]` at each token's position; `log_decay`
-        `[H / tp]` (this rank's heads); `plan` the step's sequences (None in vLLM's dummy runs, which have no
-        states). Returns `[N, d]`; the states of the step's sequences are updated."""
+        `[H / tp]` (this rank's heads). Returns `[N, d]`; the states of the step's sequences are updated."""
         qkvg, _ = self.qkvg_proj(hidden_states)
         heads, key_dim, value_dim = self.num_heads, self.key_head_dim, self.value_head_dim
         q, k, v, g = qkvg.split([heads * key_dim, heads * key_dim, heads * value_dim, heads * value_dim], dim=-1)
@@ -112,15 +110,19 @@ class RetNetRetention(nn.Module, MambaBase):
         k = rotate((k * self.scaling).view(-1, heads, key_dim).to(cos.dtype), cos, sin, self.rotary_style)
         v = v.view(-1, heads, value_dim)
         out = torch.zeros(hidden_states.shape[0], heads, value_dim, dtype=q.dtype, device=q.device)
-        if plan is not None:
-            self._retain(q, k, v, log_decay, plan, out)
+        torch.ops.vllm.retnet_retention(q, k, v, log_decay, out, self.prefix)
         out = self.group_norm(out).to(g.dtype).flatten(1)
         out, _ = self.out_proj(F.silu(g) * out)
         return out
 
-    def _retain(self, q, k, v, log_decay, plan: "StepPlan", out: torch.Tensor) -> None:
+    def retain(self, q, k, v, log_decay, out: torch.Tensor) -> None:
         """Retention of every sequence of the step into `out` `[N, H, Dv]`, from and back into its state slot.
-        `q`, `k` `[N, H, D]`, `v` `[N, H, Dv]`."""
+        `q`, `k` `[N, H, D]`, `v` `[N, H, Dv]`. Nothing in vLLM's dummy runs, which have no states."""
+        metadata = get_forward_context().attn_metadata  # {layer: metadata}, the same sequences for every layer
+        metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
+        if metadata is None:
+            return
+        plan = StepPlan.of(metadata)
         states, scales = self.kv_cache
         decodes = plan.decodes
         if decodes:  # one token each, all at once in the recurrent form
@@ -184,6 +186,19 @@ class StepPlan:
         )
 
 
+def retnet_retention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, output: torch.Tensor, layer_name: str
+) -> None:
+    """The layer `layer_name`'s retention of the step into `output` (`RetNetRetention.retain`), as vLLM's custom op
+    `vllm::retnet_retention`: opaque to torch.compile, which compiles the rest of the model around it (the op is a
+    split point of vLLM's piecewise graphs, as attention and Mamba's mixers are)."""
+    get_forward_context().no_compile_layers[layer_name].retain(q, k, v, log_decay, output)
+
+
+direct_register_custom_op(op_name="retnet_retention", op_func=retnet_retention, mutates_args=["output"])
+RETENTION_OP = "vllm::retnet_retention"
+
+
 class RetNetGLU(nn.Module):
     """`fc2(act(fc1(x)) * gate(x))`, fc1 and gate as one column-parallel matrix: `[N, d]` -> `[N, d]`."""
 
@@ -217,19 +232,21 @@ class RetNetDecoderLayer(nn.Module):
         self.normalize_before = config.decoder_normalize_before
         self.alpha = math.pow(2.0 * config.decoder_layers, 0.25) if config.deepnorm else 1.0
 
-    def forward(self, hidden_states, rotation, log_decay, plan) -> torch.Tensor:
+    def forward(self, hidden_states, rotation, log_decay) -> torch.Tensor:
         if self.normalize_before:
             hidden_states = hidden_states * self.alpha + self.retention(
-                self.retention_layer_norm(hidden_states), rotation, log_decay, plan
+                self.retention_layer_norm(hidden_states), rotation, log_decay
             )
             return hidden_states * self.alpha + self.ffn(self.final_layer_norm(hidden_states))
-        hidden_states = hidden_states * self.alpha + self.retention(hidden_states, rotation, log_decay, plan)
+        hidden_states = hidden_states * self.alpha + self.retention(hidden_states, rotation, log_decay)
         hidden_states = self.retention_layer_norm(hidden_states)
         return self.final_layer_norm(hidden_states * self.alpha + self.ffn(hidden_states))
 
 
+@support_torch_compile
 class RetNetModel(nn.Module):
-    """Embeddings, the layers, the final norm: `input_ids` `[N]` and `positions` `[N]` -> `[N, d]`."""
+    """Embeddings, the layers, the final norm: `input_ids` `[N]` and `positions` `[N]` -> `[N, d]`. vLLM compiles
+    it (unless `enforce_eager`), all but the retention op."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -251,18 +268,21 @@ class RetNetModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors: Optional[IntermediateTensors] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         embeds = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         hidden_states = embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden_states = self.layernorm_embedding(hidden_states)
         rotation, log_decay = self.retnet_rel_pos(positions, hidden_states.dtype)
         log_decay = log_decay[self.first_head : self.first_head + self.heads_per_rank]
-        metadata = get_forward_context().attn_metadata  # {layer: metadata}, the same sequences for every layer
-        metadata = metadata.get(self.layers[0].retention.prefix) if isinstance(metadata, dict) else None
-        plan = None if metadata is None else StepPlan.of(metadata)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, rotation, log_decay, plan)
+            hidden_states = layer(hidden_states, rotation, log_decay)
         return hidden_states if self.layer_norm is None else self.layer_norm(hidden_states)
 
 

@@ -45,9 +45,8 @@ ENGINE = dict(
     gpu_memory_utilization=0.15,  # on the CPU build: the share of the memory vLLM may use ...
     kv_cache_memory_bytes=64
     * 2**20,  # ... and the state cache's size (the process's other models count against a share)
-    enforce_eager=True,
     seed=0,
-)
+)  # compiled, as vLLM runs a model by default (all but the retention op); the config variants run eagerly
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,6 +170,10 @@ def test_greedy_equals_generate_for_concurrent_prompts_of_1_to_3000_tokens(serve
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy())
     assert_same_as_generate(outputs, prompts, hf)
     assert continued, "no prefill continued from a state: chunked prefill did not split the long prompts"
+    from vllm.config.compilation import CompilationMode
+
+    compilation = llm.llm_engine.vllm_config.compilation_config  # compiled around the retention op
+    assert compilation.mode != CompilationMode.NONE and vllm_model.RETENTION_OP in compilation.splitting_ops
 
 
 def test_each_concurrent_result_equals_its_result_alone(served, trained_folder, text):
@@ -217,7 +220,7 @@ def test_config_variants_are_served_exactly(variant, tmp_path):
     hf = RetNetForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "model")
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 5, 150)]
-    llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, **ENGINE)
+    llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, enforce_eager=True, **ENGINE)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy())
     assert_same_as_generate(outputs, prompts, hf)
 

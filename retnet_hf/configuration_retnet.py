@@ -1,4 +1,5 @@
-"""Moved to `retnet_hf.model.configuration_retnet`; the old import path keeps working for this release (0.2) only."""
+"""Deprecated: moved to `retnet_hf.model.configuration_retnet` in 0.2.0. This old import path warns (FutureWarning)
+and is removed in 0.3.0 (tests/tools/test_layout.py fails from that version on while it is here)."""
 
 import sys
 import warnings
@@ -7,7 +8,8 @@ from .model import configuration_retnet as _moved
 
 
 warnings.warn(
-    "retnet_hf.configuration_retnet moved to retnet_hf.model.configuration_retnet; import it from there (the old path goes after 0.2).",
+    "retnet_hf.configuration_retnet is deprecated and will be removed in retnet-hf 0.3.0: import "
+    "retnet_hf.model.configuration_retnet instead.",
     FutureWarning,
     stacklevel=2,
 )

@@ -1167,6 +1167,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        retention_form: Optional[str] = None,
         past_key_values: Optional[RetNetCache] = None,
         output_attentions: Optional[bool] = None,
         **kwargs: Unpack[RetNetKwargs],
@@ -1184,6 +1185,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            retention_form=retention_form,
             output_attentions=output_attentions,
             **packing,
         )

@@ -157,6 +157,26 @@ def test_sequence_classification_pools_the_last_real_token():
     assert out.logits.shape == (1, 3) and out.loss > 0
 
 
+def test_sequence_classification_takes_the_retention_form_as_the_causal_lm_does():
+    """`retention_form` chooses the form for one call: on a left-padded batch the three forms give the same logits,
+    each row's those of its text alone; an unknown form is refused, naming the allowed ones."""
+    from test_generation import left_pad, ragged_prompts
+
+    torch.manual_seed(0)
+    model = RetNetForSequenceClassification(tiny_config(num_labels=3, recurrent_chunk_size=4)).double().eval()
+    prompts = ragged_prompts()
+    ids, mask = left_pad(prompts)
+    logits = {form: model(ids, attention_mask=mask, retention_form=form).logits for form in FORMS}
+    assert logits["parallel"].shape == (len(prompts), 3)
+    for form in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(logits[form], logits["parallel"], rtol=1e-10, atol=1e-10)
+    for row, p in enumerate(prompts):
+        alone = model(p[None], retention_form="parallel").logits
+        torch.testing.assert_close(logits["parallel"][row : row + 1], alone, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="auto, parallel, chunkwise, recurrent"):
+        model(ids, attention_mask=mask, retention_form="sideways")
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [

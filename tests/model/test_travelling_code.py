@@ -46,20 +46,3 @@ def test_parses_under_python_3_9(path):
         annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
         if annotation is not None:
             assert not any(isinstance(n, ast.BinOp) for n in ast.walk(annotation)), f"{path.name}:{node.lineno}"
-
-
-@pytest.mark.parametrize("name", ["modeling_retnet", "configuration_retnet", "retention"])
-def test_the_old_import_paths_keep_working_for_this_release(name):
-    import subprocess
-
-    check = (
-        "import warnings, importlib\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        f"    old = importlib.import_module('retnet_hf.{name}')\n"
-        f"new = importlib.import_module('retnet_hf.model.{name}')\n"
-        "assert old is new, (old, new)\n"
-        f"assert any('moved to retnet_hf.model.{name}' in str(w.message) for w in caught), caught\n"
-    )
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -3,15 +3,21 @@ modules import each other (directly or round a cycle). The benchmarks are not pa
 on its own: no file reads data from beside it, none is over 1 MiB, and the sample data is package data."""
 
 import ast
+import importlib
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+from packaging.version import Version
 
 import retnet_hf
 
 
 PACKAGE = Path(retnet_hf.__file__).parent
-SHIMS = {"modeling_retnet", "configuration_retnet", "retention"}  # the old import paths, kept for this release
+SHIMS = {"modeling_retnet", "configuration_retnet", "retention"}  # the old import paths of 0.1 (deprecated in 0.2.0)
+SHIMS_REMOVED_IN = "0.3.0"  # the release without them (CHANGELOG, 0.2.0: they work for that release only)
 
 
 def imports_of(path: Path) -> set:
@@ -31,6 +37,25 @@ def tool_graph() -> dict:
         for path in PACKAGE.glob("*.py")
         if path.stem not in SHIMS | {"__init__", "__main__"}
     }
+
+
+def test_the_old_import_paths_warn_naming_the_new_path_and_the_removal_version():
+    for name in sorted(name for name in SHIMS if (PACKAGE / f"{name}.py").exists()):
+        source = (PACKAGE / f"{name}.py").read_text()
+        assert f"removed in {SHIMS_REMOVED_IN}" in ast.get_docstring(ast.parse(source)), name
+        sys.modules.pop(f"retnet_hf.{name}", None)  # imported before: import it afresh, as a user's first import
+        expected = rf"retnet_hf\.{name} is deprecated .* removed in retnet-hf {re.escape(SHIMS_REMOVED_IN)}: import "
+        with pytest.warns(FutureWarning, match=expected + rf"retnet_hf\.model\.{name} instead"):
+            module = importlib.import_module(f"retnet_hf.{name}")
+        assert module is importlib.import_module(f"retnet_hf.model.{name}")
+
+
+def test_the_old_import_paths_are_gone_by_their_removal_version():
+    """Fails once the package's version reaches the release that drops the old paths while they are still here:
+    delete the modules and SHIMS, and say so in that release's CHANGELOG."""
+    left = sorted(name for name in SHIMS if (PACKAGE / f"{name}.py").exists())
+    if Version(retnet_hf.__version__) >= Version(SHIMS_REMOVED_IN):
+        assert left == [], f"retnet_hf {retnet_hf.__version__} still has {left}, to be removed in {SHIMS_REMOVED_IN}"
 
 
 def test_the_model_imports_no_tool():

@@ -39,9 +39,11 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -49,9 +51,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import UsageError
 from .model import RetNetConfig, RetNetForCausalLM
 from .model.modeling_retnet import RetNetRelPos
-from .model_folder import staged_folder
+from .model_folder import (
+    PICKLED_INDEX,
+    WEIGHTS_INDEX,
+    WeightIndexError,
+    is_local,
+    resolve_source,
+    staged_folder,
+    weight_files,
+)
 
 
 SOURCE_FORMATS = ("torchscale", "syncdoth", "fla")
@@ -198,24 +209,19 @@ def _namespace_fields(value) -> Dict:
 
 
 def _weight_files(folder: Path) -> List[Path]:
-    """The weight files of a transformers-style folder, in the order their index lists them."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
-            except (ValueError, KeyError, TypeError, OSError) as error:
-                raise ConversionError(f"{index}: not a valid index (no weight_map): {error}") from error
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [name for name in files if not (folder / name).is_file()]
-            if missing:
-                raise ConversionError(f"{index}: lists shards that are not in the folder: {', '.join(missing)}")
-            return [folder / name for name in files]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
+    """The weight files of a transformers-style folder, as transformers picks them (`model_folder.weight_files`,
+    pytorch_model.bin and its index too; shards in the order their index names them); else its .safetensors files."""
+    try:
+        names = weight_files(folder, pickled=True)
+    except WeightIndexError as error:
+        raise ConversionError(f"{folder / error.index}: not a valid index (no weight_map): {error}") from error
+    if names[:1] in ([WEIGHTS_INDEX], [PICKLED_INDEX]):
+        missing = [name for name in names[1:] if not (folder / name).is_file()]
+        if missing:
+            raise ConversionError(f"{folder / names[0]}: lists shards that are not in the folder: {', '.join(missing)}")
+        return [folder / name for name in names[1:]]
+    if names:
+        return [folder / names[0]]
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found
@@ -524,8 +530,8 @@ def _check_layer_count(plan: _Plan) -> None:
     before a model of the claimed size is built (on the meta device that still takes a few ms a layer)."""
     indices = set()
     for shard in plan.shards:
-        for key, (shape, _dtype) in shard.header().items():
-            for ours, _rows in _targets(plan, key, shape):
+        for key in shard.header():
+            for ours, _rows in _targets(plan, key):
                 match = _OUR_LAYER_KEY.match(ours or "")
                 if match:
                     indices.add(int(match.group(1)))
@@ -562,7 +568,7 @@ def _expected_shapes(config: RetNetConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _targets(plan: _Plan, key: str, shape: Tuple[int, ...]) -> List[Tuple[Optional[str], Optional[slice]]]:
+def _targets(plan: _Plan, key: str) -> List[Tuple[Optional[str], Optional[slice]]]:
     """The keys of ours a source key fills: `[(our key or None, rows or None)]`; several for a fused weight."""
     if plan.split is not None:
         parts = plan.split(key)
@@ -579,7 +585,7 @@ def _check_keys(plan: _Plan, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, 
     tied = plan.config.share_decoder_input_output_embed
     for shard in plan.shards:
         for key, (shape, _dtype) in shard.header().items():
-            for ours, rows in _targets(plan, key, shape):
+            for ours, rows in _targets(plan, key):
                 if ours == "lm_head.weight" and tied:
                     continue  # the tied output layer is the embedding
                 if ours in BUFFERS:
@@ -703,23 +709,6 @@ def _dominant_dtype(counts: Counter) -> Optional[torch.dtype]:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _resolve_source(src: Union[str, Path]) -> Path:
-    path = Path(src).expanduser()
-    if path.exists():
-        return path
-    text = str(src)
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text))
-        except Exception as error:  # noqa: BLE001 - offline, missing, gated, ...
-            raise ConversionError(
-                f"{src}: not a local path, and downloading it from the Hugging Face Hub failed: {error}"
-            ) from error
-    raise ConversionError(f"{src}: no such file or folder (and not a Hub id of the form owner/name).")
-
-
 def _check_new_output(out: Path) -> None:
     try:
         taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
@@ -771,7 +760,7 @@ def convert_checkpoint(
     config_fields.update(config_overrides or {})
     notify = notify or (lambda message: warnings.warn(f"retnet-hf convert: {message}"))
     with staged_folder(out, "converting", "conversion", notify, ConversionError) as temporary:
-        source = _resolve_source(src)
+        source = Path(resolve_source(src, files=True, download=True, error_class=ConversionError))
         planners = {"torchscale": _plan_torchscale, "syncdoth": _plan_syncdoth, "fla": _plan_fla}
         if source_format in ("syncdoth", "fla") and not source.is_dir():
             raise ConversionError(f"{source}: a {source_format} source is a folder (config.json and weights).")
@@ -867,7 +856,7 @@ def _write_card(folder: Path, source_format: str, src, plan: _Plan, model_name: 
         from .model_card import write_model_card
     except ImportError:
         return
-    local = Path(str(src)).expanduser().exists()
+    local = is_local(src)
     where = f"`{src}`" if local else f"[`{src}`](https://huggingface.co/{src})"
     names = {
         "torchscale": "a torchscale/fairseq",
@@ -886,4 +875,54 @@ def _write_card(folder: Path, source_format: str, src, plan: _Plan, model_name: 
         warnings.warn(f"retnet-hf convert: the model card was not written: {error}")
 
 
-__all__ = ["ConversionError", "SOURCE_FORMATS", "convert_checkpoint", "fla_intermediate_size", "parse_size"]
+# ----------------------------------------------------------------------------------------- `retnet-hf convert`
+
+
+@dataclass
+class ConvertSettings:
+    """One conversion; `retnet-hf convert`'s options are made from these fields (`convert_checkpoint` checks them)."""
+
+    source_format: str = field(
+        default="",
+        metadata=dict(flag="--from", metavar=None, required=True, choices=SOURCE_FORMATS, help="the source's format"),
+    )
+    src: str = field(default="", metadata=dict(positional=True, help="a checkpoint file or folder, or a Hub id"))
+    out: str = field(default="", metadata=dict(positional=True, help="the folder to write (must not exist)"))
+    config: Optional[str] = field(
+        default=None,
+        metadata=dict(
+            help="a JSON file of source config fields (needed for a bare torchscale state dict; overrides what the "
+            "source holds)"
+        ),
+    )
+    max_shard_size: str = field(default="2GB", metadata=dict(help="largest output weight file (default 2GB)"))
+
+
+def convert_command(settings: ConvertSettings) -> None:
+    """`retnet-hf convert`: a torchscale/fairseq, syncdoth-format or fla RetNet checkpoint into a retnet-hf folder."""
+    s = settings
+
+    def notify(message: str) -> None:  # a staging folder of OUT removed or left alone
+        print(f"retnet-hf convert: {message}", file=sys.stderr)
+
+    try:
+        out = convert_checkpoint(
+            s.source_format, s.src, s.out, config_json=s.config, max_shard_size=s.max_shard_size, notify=notify
+        )
+    except ConversionError as error:
+        raise UsageError(str(error)) from error
+    print(
+        f"converted {s.source_format} checkpoint {s.src} -> {out} "
+        "(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
+    )
+
+
+__all__ = [
+    "ConversionError",
+    "ConvertSettings",
+    "SOURCE_FORMATS",
+    "convert_checkpoint",
+    "convert_command",
+    "fla_intermediate_size",
+    "parse_size",
+]

@@ -3,6 +3,7 @@ on this machine that the three forms agree and that decoding costs the same per 
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .model import CACHE_NAME
+from .options import positive_float, positive_int
 from .pretraining import PretrainSettings, pretrain
 
 
@@ -124,3 +126,41 @@ def run_demo(
         "decode_short": short,
         "decode_long": long,
     }
+
+
+# -------------------------------------------------------------------------------------------- `retnet-hf demo`
+
+
+@dataclass
+class DemoSettings:
+    """One demo; `retnet-hf demo`'s options are made from these fields."""
+
+    text: Optional[str] = field(
+        default=None,
+        metadata=dict(help="train on this text file instead of the embedded corpus (this package's source)"),
+    )
+    output_dir: str = field(
+        default="retnet-demo", metadata=dict(flag="--output", help="folder for the trained model (default retnet-demo)")
+    )
+    max_seconds: float = field(
+        default=120.0, metadata=dict(parse=positive_float, help="training time budget (default 120)")
+    )
+    max_steps: int = field(
+        default=1500, metadata=dict(parse=positive_int, help="training steps at most (default 1500)")
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=dict(negatable=False, help="write into a non-empty --output that is not an earlier run's"),
+    )
+
+
+def demo_command(settings: DemoSettings) -> None:
+    """`retnet-hf demo`: train a small RetNet for a couple of minutes and show its claims."""
+    s = settings
+    run_demo(
+        texts=[s.text] if s.text else None,
+        output_dir=s.output_dir,
+        overwrite=s.overwrite,
+        max_seconds=s.max_seconds,
+        max_steps=s.max_steps,
+    )

@@ -377,15 +377,6 @@ def task_manager(task_names, include_paths: List[Path]):
     return manager
 
 
-def _loaded(s: EvalSettings):
-    import torch
-
-    from .text_generation import load_for_inference
-
-    dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
-    return load_for_inference(s.folder, s.trust_remote_code, s.quantize, dtype=dtype)
-
-
 RESULTS_FILE = "eval_results.json"  # a model folder's own results file: the one file of the folder eval writes
 GENERATED_TOKENS = 32  # what guanaco_generate generates: lm-eval needs a context length above it
 
@@ -428,6 +419,8 @@ def evaluate_folder(s: EvalSettings) -> dict:
     """Run lm-eval on the folder `s.folder`; write its results (lm-eval's dict, plus a `retnet_hf` entry with the
     settings used) to `s.output` (default FOLDER/eval_results.json, see `results_path`), whole or not at all, and
     return them."""
+    from .text_generation import load_for_inference  # the one loader for inference, as generate and chat load
+
     lm_eval = require("lm_eval", "eval")
     if s.tasks_dir is not None and not Path(s.tasks_dir).is_dir():
         raise UsageError(f"{s.tasks_dir}: no such task folder")
@@ -438,7 +431,7 @@ def evaluate_folder(s: EvalSettings) -> dict:
             f"--max-length {s.max_length}: {GENERATE} generates {GENERATED_TOKENS} tokens within the context "
             f"length; give more than {GENERATED_TOKENS}, or leave it out (a RetNet needs none)"
         )
-    model, tokenizer = _loaded(s)
+    model, tokenizer = load_for_inference(s.folder, s.trust_remote_code, s.quantize, dtype=s.dtype)
     lm = lm_eval_model(model, tokenizer, batch_size=s.batch_size, max_length=s.max_length)
     with model_folder.scratch_folder("eval", _notify) as scratch:
         include = [write_local_tasks(scratch / "tasks", s.data_dir, local)] if local else []
@@ -488,6 +481,18 @@ def results_table(results: dict) -> str:
     return table
 
 
+def eval_command(settings: EvalSettings) -> None:
+    """`retnet-hf eval`: lm-eval on a model folder (its HFLM and simple_evaluate): the results JSON, and lm-eval's
+    table."""
+    results = evaluate_folder(settings)
+    used = results["retnet_hf"]
+    print(results_table(results))
+    print(
+        f"evaluated {used['folder']} ({used['dtype']}, batch {used['batch_size']}, context {used['max_length']:,} "
+        f"tokens{'' if used['limit'] is None else ', limit ' + str(used['limit'])}); results: {used['output']}"
+    )
+
+
 def sample_responses(results: dict) -> Dict[str, List[list]]:
     """`{task: [the filtered responses of each document, in document order]}` from results made with
     `log_samples=True` (loglikelihoods, rolling loglikelihoods, generated texts)."""
@@ -503,6 +508,7 @@ __all__ = [
     "LOCAL_TASKS",
     "UNBOUNDED_CONTEXT",
     "context_length",
+    "eval_command",
     "evaluate_folder",
     "lm_eval_model",
     "results_table",

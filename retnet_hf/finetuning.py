@@ -26,11 +26,11 @@ import torch
 
 from .data import DEFAULT_DATASET, fit_to_max_length, load_guanaco, save_tokenizer, set_chat_template
 from .errors import UsageError, require
-from .loading import load_causal_lm, load_tokenizer, refuse_foreign_code, resolve_source
+from .loading import load_causal_lm, load_tokenizer, refuse_foreign_code
 from .model import ACTIVATION_CHECKPOINTING, LORA_TARGET_MODULES, enable_activation_checkpointing
+from .model_folder import is_local, require_model_folder, resolve_source
 from .options import positive_float, positive_int
-from .reports import plot_loss_curve
-from .training import (
+from .runs import (
     RunSettings,
     base_training_arguments,
     check_run_inputs,
@@ -39,8 +39,10 @@ from .training import (
     divergence_guard,
     last_checkpoint,
     logged_losses,
+    plot_loss_curve,
     record_finished,
     source_fingerprint,
+    write_training_summary,
 )
 
 
@@ -257,7 +259,7 @@ def _finished_earlier(s: SFTSettings, finished: dict) -> SFTResult:
         plot_loss_curve(json.loads((last / "trainer_state.json").read_text())["log_history"], output / "loss.png")
         rewritten.append("loss.png")
     if not (output / "training_summary.json").is_file():
-        (output / "training_summary.json").write_text(json.dumps(finished["summary"], indent=2))
+        write_training_summary(output, finished["summary"])
         rewritten.append("training_summary.json")
     if s.write_card and not (output / "README.md").is_file():
         _write_card(output, s.model, s.data, finished["summary"])
@@ -305,14 +307,25 @@ def _sft(s: SFTSettings) -> SFTResult:
     return result
 
 
+def sft_command(settings: SFTSettings) -> None:
+    """`retnet-hf sft`: `sft`, and a line on what it trained and saved."""
+    result = sft(settings)
+    if not result.trained:
+        return  # a finished run's rerun: it said so
+    what = "merged model" if result.merged else "LoRA adapter"
+    loss = f"{result.train_loss:.3f}" if result.train_loss is not None else "n/a"
+    print(
+        f"fine-tuned ({settings.method}) {result.steps} steps in {result.seconds:.0f} s, last training loss {loss}; "
+        f"{what} saved to {result.output_dir} (loss curve: loss.png)"
+    )
+
+
 def _check(s: SFTSettings) -> None:
     if s.method not in METHODS:
         raise UsageError(f"unknown method {s.method!r}; choose one of: {', '.join(METHODS)}")
     if s.merge and s.method == "full":
         raise UsageError("--merge applies to --lora and --qlora (a --full run already saves a whole model)")
-    base = Path(resolve_source(s.model))
-    if not (base / "config.json").is_file():
-        raise UsageError(f"{s.model}: not a model folder (no config.json)")
+    base = require_model_folder(resolve_source(s.model))
     output = Path(s.output_dir).expanduser().resolve()
     if output == base.resolve() or output in base.resolve().parents:
         raise UsageError(
@@ -423,7 +436,7 @@ def _summarise(s: SFTSettings, result: SFTResult) -> dict:
     }
     output = Path(s.output_dir)
     summary = {"base_model": str(s.model), **training}
-    (output / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    write_training_summary(output, summary)
     if s.write_card:
         _write_card(output, s.model, s.data, training)
     return summary
@@ -441,7 +454,7 @@ def _write_card(output: Path, model: str, data: str, training: dict) -> None:
         write_model_card(
             output,
             model_name=output.resolve().name,
-            base_model=None if Path(model).exists() else str(model),  # metadata takes Hub ids only
+            base_model=None if is_local(model) else str(model),  # metadata takes Hub ids only
             datasets=None if local else [data],
             local_data=[data] if local else None,
             training=training,

@@ -13,7 +13,7 @@ matched after normalising the name: case, Unicode look-alikes, invisible charact
 loudly. `--include PATTERN` (`include=`) adds files to the allow-list; a secret-looking file or a hard link goes only
 where `--include` names its exact path, and is then announced.
 
-The plan then has `retnet_hf.model_card.check_folder` find the folder complete (every weight read for NaN and
+The plan then has `retnet_hf.model_folder.check_folder` find the folder complete (every weight read for NaN and
 infinity), reads every file it sends for what its name promises (a `.safetensors` file parses as safetensors, a
 `.json` file as JSON, `tokenizer.json` loads as a tokenizer, a `.jinja` template is UTF-8 text), and sends an index
 only with every shard it names; then it becomes huggingface_hub `CommitOperationAdd`s, one per chosen file, with the
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import stat
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -35,7 +36,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from .errors import UsageError
-from .model_card import WEIGHTS_INDEX, absence, check_folder, code_file_names, weight_file_names
+from .model_folder import (
+    SINGLE_WEIGHTS,
+    WEIGHTS_INDEX,
+    WeightIndexError,
+    absence,
+    check_folder,
+    code_file_names,
+    index_shards,
+    is_shareable,
+    weight_files,
+)
 
 
 # What a model repository is made of, besides the weights and code the folder's own files name
@@ -295,7 +306,16 @@ def model_repository_files(folder: Union[str, Path]) -> Set[str]:
     """The allow-list's exact paths for `folder`: the fixed names, the weights it loads and the code auto_map needs
     (`ALLOWED_PATTERNS` adds further chat templates)."""
     names = set(MODEL_FILES) | set(TOKENIZER_FILES) | set(ADAPTER_FILES)
-    return names | set(weight_file_names(folder)) | set(code_file_names(folder))
+    return names | set(_loaded_weights(folder)) | set(code_file_names(folder))
+
+
+def _loaded_weights(folder: Union[str, Path]) -> List[str]:
+    """The weight files the folder's model loads that push can upload (no link followed); [] for an index that
+    does not give its shards (check_folder says so)."""
+    try:
+        return [name for name in weight_files(folder, links=False) if is_shareable(folder, name)]
+    except WeightIndexError:
+        return []
 
 
 def _normalise_pattern(pattern: str) -> str:
@@ -351,9 +371,9 @@ def _file_reason(path: str, weights: List[str]) -> Tuple[str, bool]:
     if forbidden:
         return f"under {forbidden}/, where the Hub holds no files", True
     if path == WEIGHTS_INDEX:
-        return "an index the model does not use: model.safetensors is there, and transformers loads it first", False
+        return f"an index the model does not use: {SINGLE_WEIGHTS} is there, and transformers loads it first", False
     if path.endswith(".safetensors"):
-        loaded = "model.safetensors" if weights == ["model.safetensors"] else f"a shard {WEIGHTS_INDEX} lists"
+        loaded = SINGLE_WEIGHTS if weights == [SINGLE_WEIGHTS] else f"a shard {WEIGHTS_INDEX} lists"
         return f"weights the model does not load (not {loaded}); --include it to upload it anyway", True
     return "not part of a model repository (--include it to upload it anyway)", True
 
@@ -432,7 +452,7 @@ class _Selection:
 def _select(root: Path, entries: List[_Entry], include: Sequence[str]) -> _Selection:
     """Sort the folder's entries into uploaded and left out (with reasons), by the allow-list and --include."""
     allowed = model_repository_files(root)
-    weights = weight_file_names(root)
+    weights = _loaded_weights(root)
     patterns = [_normalise_pattern(pattern) for pattern in include]
     _require_matches(root, entries, patterns)
     selection = _Selection()
@@ -481,7 +501,7 @@ def _require_matches(root: Path, entries: List[_Entry], patterns: List[str]) -> 
 def _read_by_check_folder(root: Path) -> Set[str]:
     """The files `check_folder` reads in full, whose contents need no second look: config.json,
     generation_config.json and the weights the model loads (the index and its shards)."""
-    return {"config.json", "generation_config.json"} | set(weight_file_names(root))
+    return {"config.json", "generation_config.json"} | set(_loaded_weights(root))
 
 
 def _content_problem(root: Path, path: str) -> Optional[str]:
@@ -521,16 +541,6 @@ def _content_problem(root: Path, path: str) -> Optional[str]:
     return None
 
 
-def _index_shard_names(root: Path) -> List[str]:
-    """The shard names model.safetensors.index.json's weight_map lists, sorted; a ValueError for an index that is
-    not JSON (a JSONDecodeError or UnicodeDecodeError) or has no such map."""
-    index = json.loads((root / WEIGHTS_INDEX).read_bytes().decode("utf-8"))
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-        raise ValueError("no weight_map from tensor names to shard file names")
-    return sorted(set(weight_map.values()))
-
-
 def _index_problems(root: Path, selection: _Selection, checked: Set[str]) -> List[str]:
     """Where the upload holds model.safetensors.index.json: each shard it names that the upload does not hold (an
     index goes only with every shard it names). Missing shards of the index the model loads are check_folder's."""
@@ -538,10 +548,10 @@ def _index_problems(root: Path, selection: _Selection, checked: Set[str]) -> Lis
     if WEIGHTS_INDEX not in uploaded:
         return []
     try:
-        shards = _index_shard_names(root)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return []  # not JSON at all: the contents check says so
-    except (OSError, ValueError) as error:
+        shards = sorted(index_shards(root))
+    except WeightIndexError as error:
+        if isinstance(error.__cause__, (json.JSONDecodeError, UnicodeDecodeError)):
+            return []  # not JSON at all: the contents check says so
         return [f"{WEIGHTS_INDEX}: not a valid index ({error})"]
     reasons = {item.path: item.reason for item, _ in selection.left_out}
     problems = []
@@ -765,15 +775,105 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+# -------------------------------------------------------------------------------------------- `retnet-hf push`
+
+
+@dataclass
+class PushSettings:
+    """One push; `retnet-hf push`'s options are made from these fields. The target is checked when they are made
+    (`check_target`), before the folder is read."""
+
+    folder: str = field(
+        default="",
+        metadata=dict(
+            positional=True, help="a model folder (weights, config, code, tokenizer, generation config, card)"
+        ),
+    )
+    repo_id: str = field(
+        default="",
+        metadata=dict(
+            positional=True,
+            help="the Hub model repo, e.g. your-name/retnet-tiny (created if it does not exist)",
+        ),
+    )
+    private: bool = field(
+        default=False, metadata=dict(negatable=False, help="create the repo private (no effect if it exists)")
+    )
+    revision: Optional[str] = field(
+        default=None, metadata=dict(help="the branch to commit to (created from main if needed; default main)")
+    )
+    commit_message: Optional[str] = field(default=None, metadata=dict(help="the commit's title"))
+    create_pr: bool = field(
+        default=False, metadata=dict(negatable=False, help="open a pull request instead of committing to main")
+    )
+    token: Optional[str] = field(
+        default=None,
+        repr=False,
+        metadata=dict(help="a Hub token with write access (default: HF_TOKEN or the saved login)"),
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata=dict(
+            negatable=False, help="check the folder and list the files, sizes and sha256 that would be uploaded"
+        ),
+    )
+    include: Tuple[str, ...] = field(
+        default=(),
+        metadata=dict(
+            repeat=True,
+            metavar="PATTERN",
+            help="also upload these files (a path, a folder or a pattern such as 'notes/*.md'; repeatable); a "
+            "secret-looking file goes only when PATTERN is its exact path",
+        ),
+    )
+
+    def __post_init__(self):
+        check_target(self.repo_id, self.revision, self.create_pr)
+
+
+def push_command(settings: PushSettings) -> None:
+    """`retnet-hf push`: check a model folder, then upload its model-repository files to a Hub model repo (or, with
+    --dry-run, list them); what is left out, and why, goes to stderr in both cases."""
+    s = settings
+    plan = plan_upload(s.folder, include=s.include)
+    for line in left_out_report(plan):
+        print(line, file=sys.stderr)
+    left_out = f"; {len(plan.left_out)} left out (listed on stderr)" if plan.left_out else ""
+    if s.dry_run:
+        for operation in plan.operations:
+            print(
+                f"{operation.upload_info.size:>14,}  {operation.upload_info.sha256.hex()[:16]}  "
+                f"{shown(operation.path_in_repo)}"
+            )
+        print(
+            f"{s.folder} is complete: {len(plan.operations)} files, {plan.size:,} bytes would go to {s.repo_id}"
+            f"{left_out} (dry run: nothing was uploaded)"
+        )
+        return
+    info = push_plan(
+        plan,
+        s.repo_id,
+        private=s.private,
+        revision=s.revision,
+        commit_message=s.commit_message,
+        token=s.token,
+        create_pr=s.create_pr,
+    )
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
+    print(f"pushed {len(plan.operations)} files of {s.folder} to {s.repo_id}{left_out}: {url}")
+
+
 __all__ = [
     "IncompleteFolderError",
     "LeftOut",
+    "PushSettings",
     "UploadPlan",
     "check_target",
     "left_out_report",
     "looks_secret",
     "model_repository_files",
     "plan_upload",
+    "push_command",
     "push_folder",
     "push_plan",
     "shown",

@@ -1,5 +1,5 @@
-"""Loading a model folder (or Hub id) for the commands: no code of the folder's own runs without consent, and a
-model with missing weights is refused rather than run with random layers.
+"""Loading a model folder (or Hub id: `model_folder.resolve_source` tells which) for the commands: no code of the
+folder's own runs without consent, and a model with missing weights is refused rather than run with random layers.
 
 A RetNet folder (`model_type` "retnet_hf") loads through the installed package, never through the Python files
 saved next to its weights; any other folder whose config asks for its own code (`auto_map`) loads only with
@@ -12,34 +12,15 @@ from pathlib import Path
 
 from .errors import UsageError
 from .model import RetNetConfig
-
-
-def resolve_source(source: str, what: str = "model") -> str:
-    """`source` as given when it is an existing local path or could be a Hub id ("name" or "owner/name"); a
-    UsageError for a local path that does not exist (`./x`, `/x`, `~/x`, `a/b/c`)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{source}: a file, not a {what} folder")
-        return str(path)
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        looks_local = True
-    if looks_local:
-        raise UsageError(f"{source}: no such {what} folder")
-    return source
+from .model_folder import is_model_folder, resolve_source
 
 
 def refuse_foreign_code(source: str, trust_remote_code: bool) -> None:
     """A UsageError when the local folder `source` would need its own Python code to load and the user did not
     pass `--trust-remote-code`. RetNet folders never need it: the installed package's classes load them."""
-    config_path = Path(source) / "config.json"
-    if trust_remote_code or not config_path.is_file():
+    if trust_remote_code or not is_model_folder(source):
         return
+    config_path = Path(source).expanduser() / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
@@ -93,4 +74,4 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if "\n" in text and len(text) > 300 else text
 
 
-__all__ = ["load_causal_lm", "load_tokenizer", "refuse_foreign_code", "resolve_source"]
+__all__ = ["load_causal_lm", "load_tokenizer", "refuse_foreign_code"]

@@ -40,8 +40,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -52,7 +54,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .errors import UsageError, require
 from .model import CACHE_NAME, RetNetCache, RetNetGenerationMixin, RetNetPreTrainedModel
 from .model.modeling_retnet import _one_cache, _refuse_attentions, _split_kwargs
-from .model_folder import staged_folder
+from .model_folder import WeightIndexError, require_model_folder, resolve_source, staged_folder, weight_files
 
 
 MANIFEST = "retnet_onnx.json"
@@ -73,7 +75,6 @@ QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.3}
 # 125m (2 cores), the logits as close
 INT4_ACCURACY_LEVEL = 4
 COPIED_FILES = ("config.json", "generation_config.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a folder's weights are stored in (an exported folder's key)
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # a folder with either has a tokenizer to export
 
 States = List[np.ndarray]  # [state.0, scale.0, state.1, scale.1, ...], the graphs' input order
@@ -329,9 +330,13 @@ def exported_for_inference(folder: Union[str, Path], quantize: str, notify: Call
     if quantize not in QUANTIZATIONS:
         raise UsageError(f"quantize={quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{__version__}/{quantize}".encode())
-    for path in sorted(folder.iterdir()):
-        if path.name in COPIED_FILES or path.suffix in WEIGHT_SUFFIXES:
-            digest.update(f"{path.name}:{file_sha256(path)}".encode())
+    try:
+        weights = weight_files(folder, pickled=True)  # the files the model loads, as transformers picks them
+    except WeightIndexError as error:
+        raise UsageError(f"{folder}: {error.index} is not a valid index ({error})") from error
+    for name in sorted({*COPIED_FILES, *weights}):
+        if (folder / name).is_file():
+            digest.update(f"{name}:{file_sha256(folder / name)}".encode())
     out = (
         Path(constants.HF_HOME) / "retnet-hf" / "onnx" / f"{folder.resolve().name}-{quantize}-{digest.hexdigest()[:16]}"
     )
@@ -388,11 +393,8 @@ def _read_retnet_config(folder: Path):
     """The RetNetConfig of `folder`, or a UsageError that says why it cannot be exported."""
     from .model import RetNetConfig
 
-    path = folder / "config.json"
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: no such model folder")
-    if not path.is_file():
-        raise UsageError(f"{folder}: not a model folder (no config.json)")
+    resolve_source(str(folder))  # a local path that is not there: "no such model folder"
+    path = require_model_folder(folder) / "config.json"
     try:
         fields = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -802,12 +804,51 @@ def generate(
     return runner.generate(inputs, max_new_tokens=max_new_tokens, **kwargs)
 
 
+# ------------------------------------------------------------------------------------- `retnet-hf export-onnx`
+
+
+@dataclass
+class ExportOnnxSettings:
+    """One export; `retnet-hf export-onnx`'s options are made from these fields (`export_onnx` checks them)."""
+
+    folder: str = field(default="", metadata=dict(positional=True, help="a RetNet model folder"))
+    out: str = field(default="", metadata=dict(positional=True, help="the folder to write (must not exist)"))
+    quantize: Optional[str] = field(
+        default=None,
+        metadata=dict(
+            choices=tuple(QUANTIZATIONS),
+            metavar=None,
+            help="quantize the graphs' weights with ONNX Runtime's own quantizers (int8: per channel, activations at "
+            "run time; int4: blocks of 32); the state stays float32, the check allows the measured quantization "
+            "error",
+        ),
+    )
+
+
+def export_onnx_command(settings: ExportOnnxSettings) -> None:
+    """`retnet-hf export-onnx`: export a model folder to ONNX (prefill and step graphs, tokenizer, config) and check
+    it on ONNX Runtime."""
+    s = settings
+    notify = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    out = export_onnx(s.folder, s.out, quantize=s.quantize, notify=notify)
+    sizes = ", ".join(  # a graph over 2 GB keeps its weights in files beside it (FILE.data)
+        f"{file} ({sum(path.stat().st_size for path in out.glob(file + '*')) / 2**20:.1f} MiB)"
+        for file in GRAPHS.values()
+    )
+    print(
+        f"exported {s.folder} -> {out}: {sizes}, checked against PyTorch on ONNX Runtime; decode with "
+        f"python -c \"from retnet_hf.onnx_runtime import generate; print(generate('{out}', 'Hello', 20))\""
+    )
+
+
 __all__ = [
     "MANIFEST",
+    "ExportOnnxSettings",
     "OnnxRetNet",
     "exported_for_inference",
     "OnnxRetNetForCausalLM",
     "export_onnx",
+    "export_onnx_command",
     "generate",
     "left_padded",
     "state_names",

@@ -5,8 +5,12 @@ A field becomes `--field-name` with the field's default and type. Its `metadata`
 - `parse`: a function from the text to the value (a tuple field without one takes several texts, `nargs="+"`);
 - `choices`; `choice_flags=True`: one flag per choice instead (`--lora` / `--qlora` / `--full` for `method`);
 - `group`: fields of the same group name exclude each other on the command line;
-- `cli=False`: not on the command line.
-`bool` fields take `--name` / `--no-name`.
+- `cli=False`: not on the command line;
+- `metavar`: the value's name in the help (default: the option's name in capitals; None: argparse's, which
+  lists the choices);
+- `repeat=True`: a tuple field's option given once per value (`--include A --include B`);
+- `negatable=False`: a `bool` field is a plain `--name` switch, off by default.
+`bool` fields otherwise take `--name` / `--no-name`.
 """
 
 import argparse
@@ -37,19 +41,17 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def float_in(low: float, high: float = float("inf"), *, low_inclusive: bool = False):
-    """An argparse type: a finite number in the range (`low`, `high`] (`[low, high]` with `low_inclusive`)."""
+def float_in(low: float, high: float = float("inf")):
+    """An argparse type: a finite number in the range (`low`, `high`]."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = float("nan")
-        above = value >= low if low_inclusive else value > low
-        if not (above and value <= high and math.isfinite(value)):
-            opening = "[" if low_inclusive else "("
+        if not (low < value <= high and math.isfinite(value)):
             closing = ")" if high == float("inf") else "]"
-            raise argparse.ArgumentTypeError(f"must be a number in {opening}{low:g}, {high:g}{closing}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a number in ({low:g}, {high:g}{closing}, got {text}")
         return value
 
     parse.__name__ = "float_in"
@@ -83,15 +85,15 @@ def add_settings_options(parser: argparse.ArgumentParser, settings: Type, **defa
         if "choices" in meta:
             options["choices"] = list(meta["choices"])
         if meta.get("positional"):
-            target.add_argument(field.name, metavar=field.name.upper(), **options)
+            target.add_argument(field.name, metavar=meta.get("metavar", field.name.upper()), **options)
         else:
             flag = meta.get("flag", "--" + field.name.replace("_", "-"))
             if "type" in options:
-                options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+                options["metavar"] = meta.get("metavar", flag.lstrip("-").replace("-", "_").upper())
             if meta.get("required"):
                 options["required"] = True
-            else:
-                options["default"] = default
+            else:  # argparse appends to a list default (a copy of it)
+                options["default"] = list(default) if options.get("action") == "append" else default
             target.add_argument(flag, dest=field.name, **options)
 
 
@@ -105,8 +107,10 @@ def settings_from_args(settings: Type, args: argparse.Namespace, **values: Any):
 def _kind(kind, meta) -> dict:
     """argparse's `type` / `action` / `nargs` for a field of type `kind`."""
     if kind is bool:
-        return {"action": argparse.BooleanOptionalAction}
+        return {"action": argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true"}
     base, args = typing.get_origin(kind), typing.get_args(kind)
+    if base is tuple and meta.get("repeat"):  # one value per use of the option
+        return {"type": meta.get("parse", args[0]), "action": "append"}
     if base is tuple:  # several values, or one text that `parse` makes a tuple of
         return {"type": meta["parse"]} if "parse" in meta else {"type": args[0], "nargs": "+"}
     if base is typing.Union:  # Optional[X]

@@ -18,12 +18,12 @@ import torch
 
 from .data import SPECIAL_TOKENS, load_texts, save_tokenizer, token_blocks, train_tokenizer
 from .errors import UsageError
-from .loading import load_causal_lm, resolve_source
+from .loading import load_causal_lm
 from .model import RetNetForCausalLM
+from .model_folder import is_local, is_model_folder, resolve_source
 from .options import float_in, int_at_least, non_negative_int, positive_float, positive_int
 from .presets import PRESETS, preset_config
-from .reports import plot_loss_curve
-from .training import (
+from .runs import (
     RunSettings,
     base_training_arguments,
     check_run_inputs,
@@ -32,8 +32,10 @@ from .training import (
     divergence_guard,
     last_checkpoint,
     logged_losses,
+    plot_loss_curve,
     record_finished,
     source_fingerprint,
+    write_training_summary,
 )
 
 
@@ -146,7 +148,7 @@ def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResul
     """Train a RetNet from scratch (`settings.preset`) or continue one (`settings.model`, a folder) on text.
 
     `output_dir` must be new, empty or an earlier `train` run's folder (or `overwrite`), and no other run may be
-    writing to it (`training.claimed_output`). Checkpoints go to `output_dir/checkpoints` and a run resumes from
+    writing to it (`runs.claimed_output`). Checkpoints go to `output_dir/checkpoints` and a run resumes from
     the newest complete one. A non-finite loss stops the run with a UsageError before anything is saved as the
     model. Under `torchrun` /
     `accelerate launch` every process runs this function and Trainer trains data-parallel (DDP), or with `fsdp`
@@ -170,6 +172,23 @@ def pretrain(settings: PretrainSettings, callbacks: Sequence = ()) -> TrainResul
             if finished and finished["max_steps"] >= s.max_steps:
                 return _finished_earlier(s, finished, main_process=args.process_index == 0)
             return _pretrain(s, args, callbacks)
+
+
+def train_command(settings: PretrainSettings) -> None:
+    """`retnet-hf train`: `pretrain`, and a line on what it trained (from the main process only)."""
+    result = pretrain(settings)
+    if not _is_main_process() or not result.trained:
+        return  # under torchrun / accelerate launch the main process reports; a finished run said so
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s: eval loss {result.eval_loss:.3f}, "
+        f"perplexity {result.eval_perplexity:.1f}; model saved to {result.output_dir} (loss curve: loss.png)"
+    )
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def run_inputs(s: PretrainSettings) -> dict:
@@ -333,11 +352,11 @@ def _save(s: PretrainSettings, trainer, tokenizer, result: TrainResult, n_eval: 
         "num_parameters": result.num_parameters,
         "seconds": round(result.seconds, 1),
     }
-    (output / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    write_training_summary(output, summary)
     from .model_card import write_model_card  # the card (README.md): this run's settings and measured figures
 
     args = trainer.args
-    local_base = s.model is not None and Path(s.model).exists()
+    local_base = s.model is not None and is_local(s.model)
     card = dict(
         base_model=None if s.model is None or local_base else s.model,
         datasets=[t for t in texts if not Path(t).exists()],
@@ -381,9 +400,9 @@ def _finished_earlier(s: PretrainSettings, finished: dict, main_process: bool) -
     result = TrainResult(output_dir=output, **{**finished["result"], "trained": False})
     checkpoints = output / "checkpoints"
     rewritten = []
-    if main_process and not ((output / "config.json").is_file() and any(output.glob("model*.safetensors"))):
+    if main_process and not (is_model_folder(output) and any(output.glob("model*.safetensors"))):
         source = checkpoints / f"checkpoint-{result.kept_step}"
-        if not (source / "config.json").is_file():
+        if not is_model_folder(source):
             raise UsageError(
                 f"--output {s.output_dir}: the run finished, but its model files are gone and so is {source.name}; "
                 "run with --no-resume to train it again"
@@ -408,7 +427,7 @@ def _finished_earlier(s: PretrainSettings, finished: dict, main_process: bool) -
         plot_loss_curve(log_history, output / "loss.png", kept_step=result.kept_step)
         rewritten.append("loss.png")
     if main_process and not (output / "training_summary.json").is_file():
-        (output / "training_summary.json").write_text(json.dumps(finished["summary"], indent=2))
+        write_training_summary(output, finished["summary"])
         rewritten.append("training_summary.json")
     if main_process and not (output / "README.md").is_file():
         from .model_card import write_model_card

@@ -12,9 +12,11 @@ reply streams drops that turn (the message and the partial reply) and the conver
 import copy
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UsageError
+from .options import float_in, non_negative_int, positive_float, positive_int
 
 
 # C0 and C1 control characters but newline and tab, and DEL: printed as \xNN
@@ -70,27 +72,31 @@ def terminal_streamer(tokenizer, stop: Optional[str] = None, out=None):
 
 
 def load_for_inference(folder: str, trust_remote_code: bool, quantize: Optional[str] = None, **load_kwargs):
-    """The folder's causal LM (on the GPU if there is one, in evaluation mode) and tokenizer; `load_kwargs` (`dtype`)
-    go to `from_pretrained`.
+    """The folder's causal LM (on the GPU if there is one, in evaluation mode) and tokenizer, for generate, chat and
+    eval alike; `load_kwargs` go to `from_pretrained` (`dtype` also as a name: "auto", "float32", "bfloat16", ...).
 
     With `quantize` ("int8", "int4"), a RetNet runs on ONNX Runtime with quantized weights (its export, made once and
     reused: `onnx_runtime.exported_for_inference`) as an `OnnxRetNetForCausalLM`, the same for `generate()`, chat and
-    lm-eval; an `export-onnx` folder runs so as it is."""
-    from pathlib import Path
+    lm-eval; an `export-onnx` folder runs so as it is.
 
+    It lives here, above `loading` and `onnx_runtime` (it picks between them, and either importing it would close a
+    cycle), beside generate and chat, its first users."""
     import torch
 
     from .loading import load_causal_lm, load_tokenizer
+    from .model_folder import require_model_folder
     from .onnx_runtime import MANIFEST, OnnxRetNetForCausalLM, exported_for_inference
 
-    if not (Path(folder) / "config.json").is_file():
-        raise UsageError(f"{folder}: not a model folder (no config.json); train one with `retnet-hf train` first")
-    exported = folder if (Path(folder) / MANIFEST).is_file() else None
+    path = require_model_folder(folder, "; train one with `retnet-hf train` first")
+    exported = path if (path / MANIFEST).is_file() else None
+    dtype = load_kwargs.get("dtype", "auto")
+    if isinstance(dtype, str) and dtype != "auto":
+        load_kwargs["dtype"] = getattr(torch, dtype)  # a name, as the commands' --dtype gives it
     if quantize is not None:
-        if load_kwargs.get("dtype", "auto") not in ("auto", "float32", torch.float32):
-            raise UsageError(f"--quantize {quantize} runs quantized weights; leave out --dtype {load_kwargs['dtype']}")
+        if dtype not in ("auto", "float32", torch.float32):
+            raise UsageError(f"--quantize {quantize} runs quantized weights; leave out --dtype {dtype}")
         notify = lambda message: print(f"retnet-hf: {message}", file=sys.stderr, flush=True)  # noqa: E731
-        exported = exported_for_inference(folder, quantize, notify)
+        exported = exported_for_inference(path, quantize, notify)
     if exported is not None:
         # ONNX Runtime does the work; torch's own threads, busy-waiting after each small operation of generate(),
         # would take the cores from it (125m int4 decode, 2 cores: 37-47 tokens/s with torch's 2, 95-112 with 1)
@@ -198,10 +204,14 @@ class ChatSession:
         return 0
 
 
-def chat(model, tokenizer, max_new_tokens: int, read_line, **sampling) -> None:
+def chat(model, tokenizer, max_new_tokens: int, read_line, seed: Optional[int] = None, **sampling) -> None:
     """Talk on the terminal: a line of input per turn (`read_line()`, None at the end of the input; `/exit` or
     `/quit` ends too), the answer streamed, the speed and context on stderr. Ctrl-C while an answer streams drops
-    that turn; at the prompt, it ends the session (as Ctrl-D does)."""
+    that turn; at the prompt, it ends the session (as Ctrl-D does). `seed` makes a sampled session reproducible."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
     session = ChatSession(model, tokenizer, max_new_tokens, **sampling)
     interactive = sys.stdin.isatty()
     while True:
@@ -232,3 +242,78 @@ def chat(model, tokenizer, max_new_tokens: int, read_line, **sampling) -> None:
             "context]",
             file=sys.stderr,
         )
+
+
+# ------------------------------------------------------------------------------------ `retnet-hf generate`, `chat`
+
+
+@dataclass
+class SamplingSettings:
+    """What `generate` and `chat` share: the model folder, how it runs and how it samples."""
+
+    model: str = field(default="", metadata=dict(positional=True, help="a model folder"))
+    max_new_tokens: int = field(default=200, metadata=dict(parse=positive_int))
+    greedy: bool = field(default=False, metadata=dict(negatable=False, help="greedy decoding instead of sampling"))
+    temperature: float = field(default=0.8, metadata=dict(parse=positive_float))
+    top_p: float = field(default=0.9, metadata=dict(parse=float_in(0.0, 1.0), help="nucleus mass in (0, 1]"))
+    top_k: int = field(default=50, metadata=dict(parse=positive_int))
+    seed: Optional[int] = field(default=None, metadata=dict(parse=non_negative_int))
+    quantize: Optional[str] = field(
+        default=None,
+        metadata=dict(
+            choices=("int8", "int4"),
+            metavar=None,
+            help="run a RetNet with quantized weights on ONNX Runtime (exported once into HF_HOME/retnet-hf/onnx, "
+            "reused after): the fastest way on a CPU; the state stays float32",
+        ),
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=dict(
+            negatable=False,
+            help="let a folder that is not a RetNet run its own Python code (RetNet folders never need it)",
+        ),
+    )
+
+    def sampling(self) -> dict:
+        """`generate()`'s sampling arguments."""
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+@dataclass
+class GenerateSettings(SamplingSettings):
+    """One continuation of a prompt; `retnet-hf generate`'s options are made from these fields."""
+
+    prompt: str = field(default="", metadata=dict(help="text to continue"))
+
+
+@dataclass
+class ChatSettings(SamplingSettings):
+    """One chat session; `retnet-hf chat`'s options are made from these fields (a shorter reply by default)."""
+
+    max_new_tokens: int = field(default=128, metadata=dict(parse=positive_int))
+
+
+def generate_command(settings: GenerateSettings) -> None:
+    """`retnet-hf generate`: the prompt and its continuation streamed to stdout, the speed to stderr."""
+    s = settings
+    model, tokenizer = load_for_inference(s.model, s.trust_remote_code, s.quantize)
+    generate_text(model, tokenizer, s.prompt, s.max_new_tokens, s.seed, **s.sampling())
+
+
+def chat_command(settings: ChatSettings) -> None:
+    """`retnet-hf chat` through stdin. Each turn feeds only the new text: the recurrent state carries the
+    conversation, at a flat cost per token."""
+    s = settings
+    model, tokenizer = load_for_inference(s.model, s.trust_remote_code, s.quantize)
+    chat(model, tokenizer, s.max_new_tokens, _read_line, s.seed, **s.sampling())
+
+
+def _read_line():
+    """One line of stdin, as bytes where stdin has a byte buffer (a line that is not UTF-8 must not end the chat),
+    else as text; None at the end of the input."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    line = stream.readline()
+    return line if line else None

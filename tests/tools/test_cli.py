@@ -1,15 +1,19 @@
 """The command line end to end on tiny settings: train, resume, generate, chat, demo, and clear errors."""
 
+import argparse
+import dataclasses
 import io
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from retnet_hf.cli import main
+from retnet_hf.cli import COMMANDS, build_parser, main
+from retnet_hf.options import settings_from_args
 from retnet_hf.sample_data import SHAKESPEARE_TRAIN
 
 from conftest import TINY_TRAIN
@@ -184,3 +188,78 @@ def test_wrong_option_and_help_in_a_fresh_process():
     )
     assert wrong.returncode == 2 and "must be a positive integer" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+# ------------------------------------------------------------------------------------------ the table of commands
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def test_the_design_notes_table_of_commands_is_the_command_line_s():
+    """docs/design.md's "Commands" table: each command's module, settings class and test file, as `cli.COMMANDS`
+    has them; the settings class and run function are the module's own, and the test file runs the command."""
+    section = (REPOSITORY / "docs" / "design.md").read_text().split("\n## Commands\n")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()]
+    rows = [row for row in rows if len(row) == 4][2:]  # past the header and its rule
+    assert [row[:3] for row in rows] == [[c.name, f"retnet_hf/{c.module}.py", c.settings] for c in COMMANDS]
+    for (name, _, _, test_file), command in zip(rows, COMMANDS):
+        settings, run = command.load(command.settings), command.load(command.run)
+        assert dataclasses.is_dataclass(settings) and callable(run)
+        assert settings.__module__ == run.__module__ == f"retnet_hf.{command.module}", name
+        assert f'"{name}"' in (REPOSITORY / test_file).read_text(), f"{test_file} does not run {name}"
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices[name]
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("demo", "--text --output --max-seconds --max-steps --overwrite"),
+        (
+            "generate",
+            "--prompt --max-new-tokens --greedy --temperature --top-p --top-k --seed --quantize --trust-remote-code",
+        ),
+        ("chat", "--max-new-tokens --greedy --temperature --top-p --top-k --seed --quantize --trust-remote-code"),
+        ("convert", "--from --config --max-shard-size"),
+        ("push", "--private --revision --commit-message --create-pr --token --dry-run --include"),
+        ("export-onnx", "--quantize"),
+    ],
+)
+def test_the_commands_keep_their_options(name, options):
+    found = {flag for action in subcommand(name)._actions for flag in action.option_strings} - {"-h", "--help"}
+    assert found == set(options.split())
+
+
+def test_settings_from_the_command_line():
+    """Defaults, dests and repeated options as the commands had them before their settings classes."""
+    parser = build_parser()
+
+    def settings(*argv):
+        command = next(command for command in COMMANDS if command.name == argv[0])
+        return settings_from_args(command.load(command.settings), parser.parse_args(argv))
+
+    generate, chat = settings("generate", "folder"), settings("chat", "folder")
+    assert (generate.max_new_tokens, chat.max_new_tokens, generate.prompt, chat.greedy) == (200, 128, "", False)
+    assert generate.sampling() == {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 50}
+    assert settings("chat", "folder", "--greedy").sampling() == {"do_sample": False}
+    convert = settings("convert", "--from", "fla", "src", "out")
+    assert (convert.source_format, convert.src, convert.out, convert.max_shard_size) == ("fla", "src", "out", "2GB")
+    push = settings("push", "folder", "user/name", "--include", "a.md", "--include=notes/*")
+    assert push.include == ("a.md", "notes/*") and settings("push", "folder", "user/name").include == ()
+    demo = settings("demo")
+    assert (demo.text, demo.output_dir, demo.max_seconds, demo.max_steps, demo.overwrite) == (
+        None,
+        "retnet-demo",
+        120.0,
+        1500,
+        False,
+    )
+
+
+def test_a_settings_class_checks_itself_before_the_command_runs(tmp_path, capsys):
+    """push's target is checked as its settings are made, before the folder is read."""
+    assert main(["push", str(tmp_path / "missing"), "user/name", "--create-pr", "--revision", "dev"]) == 2
+    assert "retnet-hf push: error: give either --revision or --create-pr" in capsys.readouterr().err

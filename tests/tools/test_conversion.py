@@ -503,11 +503,8 @@ def test_fla_folder_converts_to_fla_logits_in_every_form(tmp_path, variant):
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
 
-    model = load(out)
-    assert model.config.recurrent_chunk_size == 512
-    model.config.recurrent_chunk_size = 5  # exercise several chunks (and a short last one) below
-    for layer in model.model.layers:
-        layer.retention.chunk_size = 5
+    assert ours["recurrent_chunk_size"] == 64  # the config's default (fla's own kernels' chunk too)
+    model = load(out, recurrent_chunk_size=5)  # several chunks (and a short last one) below
     ids = tokens()
     reference = fla_reference_logits(weights, config, ids)
     diffs = {form: relative_difference(logits, reference) for form, logits in all_forms(model, ids).items()}

@@ -27,7 +27,8 @@ from retnet_hf.cli import main
 from retnet_hf.data import train_tokenizer
 from retnet_hf.errors import UsageError
 from retnet_hf.hub import IncompleteFolderError, plan_upload, push_folder, upload_files
-from retnet_hf.model_card import check_folder, write_model_card
+from retnet_hf.model_card import write_model_card
+from retnet_hf.model_folder import check_folder
 
 from conftest import REPO_ROOT, tiny_model
 
@@ -632,7 +633,7 @@ def test_non_finite_weights_are_refused_naming_the_tensors(folder, tmp_path, cap
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e5m2])
 def test_the_weight_scan_reads_every_slice_in_bounded_pieces(folder, tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr("retnet_hf.model_card.SCAN_ELEMENTS", 7)  # a few values per read: many slices per tensor
+    monkeypatch.setattr("retnet_hf.model_folder.SCAN_ELEMENTS", 7)  # a few values per read: many slices per tensor
     broken, with_nan, with_inf = corrupt(folder, tmp_path, dtype)
     problems = check_folder(broken)
     assert (

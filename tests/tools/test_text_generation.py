@@ -145,11 +145,26 @@ def test_chat_on_the_command_line_escapes_and_survives_ctrl_c(tmp_path, capsys, 
         except StopIteration:
             raise KeyboardInterrupt from None  # Ctrl-C at the prompt
 
-    monkeypatch.setattr("retnet_hf.cli._read_line", read_line)
+    monkeypatch.setattr("retnet_hf.text_generation._read_line", read_line)
     code = main(["chat", str(tmp_path / "model"), "--max-new-tokens", "8", "--greedy"])
     out, err = capsys.readouterr()
     assert code == 130 and "interrupted" in err
     assert "hi \\x1b[31mred\\x0c there" in out and "\x1b" not in out and "\x0c" not in out and "###" not in out
+
+
+def test_chat_samples_from_its_seed(tmp_path, capsys, monkeypatch):
+    """`chat --seed` makes a sampled session reproducible, whatever torch's random state was before."""
+    model, tokenizer = scripted_model(torch.float32), word_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sampling = ["--temperature", "50", "--top-k", str(len(WORDS)), "--top-p", "1.0", "--max-new-tokens", "12"]
+    replies = []
+    for earlier in (1, 2):
+        monkeypatch.setattr("retnet_hf.text_generation._read_line", iter(["hello\n", None]).__next__)
+        torch.manual_seed(earlier)
+        assert main(["chat", str(tmp_path / "model"), "--seed", "3", *sampling]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
 
 
 def test_generate_prints_what_the_model_writes_escaped(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""The run's output folder: nothing of the user's overwritten, one run at a time, resuming past a half-written
-checkpoint (killed, disk full), and a diverged run stopped instead of saved as a success."""
+"""retnet_hf.runs, what a training run needs around the Trainer. The run's output folder: nothing of the user's
+overwritten, one run at a time, resuming past a half-written checkpoint (killed, disk full), a diverged run stopped
+instead of saved as a success, reruns with the same or other inputs, and the summary a run leaves."""
 
 import json
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from retnet_hf.cli import main
+from retnet_hf.runs import RUN_MARKER, checkpoint_problem, claimed_output, write_training_summary
 from retnet_hf.sample_data import SHAKESPEARE_TRAIN
-from retnet_hf.training import RUN_MARKER, checkpoint_problem, claimed_output
 
 
 TINY_RUN = ["--vocab-size", "300", "--block-size", "64", "--batch-size", "4", "--eval-steps", "5", "--save-steps", "5"]
@@ -323,3 +324,13 @@ def test_a_text_rewritten_with_its_modification_time_kept_is_read_as_it_is_now(t
     path.write_text("other words entirely, and longer than before\n")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert list(load_texts([str(path)])["text"]) == ["other words entirely, and longer than before\n"]
+
+
+# ------------------------------------------------------------------------------------ what a run leaves beside it
+
+
+def test_the_training_summary_is_indented_json_in_the_output(tmp_path):
+    summary = {"steps": 3, "train_loss": 2.5, "base_model": None, "texts": [{"hub": "x"}]}
+    path = write_training_summary(tmp_path, summary)
+    assert path == tmp_path / "training_summary.json"
+    assert path.read_text() == json.dumps(summary, indent=2) and json.loads(path.read_text()) == summary

@@ -1,5 +1,7 @@
-"""What pretraining and fine-tuning share: the run's output folder (claimed, locked), the base of their
-TrainingArguments, resuming from the newest complete checkpoint, the logged losses and the stop on divergence.
+"""What a training run needs around the Trainer, shared by `train` (pretraining.py) and `sft` (finetuning.py): the
+run's settings (`RunSettings`), the base of their TrainingArguments, the output folder (claimed, locked), the
+inputs a resumed run must keep, resuming from the newest complete checkpoint, the logged losses and the stop on
+divergence, and what a run leaves beside the model (`loss.png`, `training_summary.json`).
 
 A run writes only into a folder that is empty, new, or its own command's earlier output (a marker file,
 `checkpoints/retnet-hf-run.json`, says whose), unless `overwrite` is given; while it runs it holds a lock on that
@@ -29,12 +31,13 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, require
 from .options import non_negative_int
 
 
 RUN_MARKER = "retnet-hf-run.json"  # in OUTPUT/checkpoints: which command's output this folder is, and who holds it
 RUN_RECORD = "run.json"  # in OUTPUT/checkpoints: what the run was started with, and how it finished
+TRAINING_SUMMARY = "training_summary.json"  # in OUTPUT: what the run trained and measured
 
 
 @dataclass
@@ -363,3 +366,43 @@ def divergence_guard():
             )
 
     return DivergenceGuard()
+
+
+# ------------------------------------------------------------------------------- what a run leaves beside the model
+
+
+def write_training_summary(output_dir, summary: dict) -> Path:
+    """`training_summary.json` in `output_dir`: the run's summary as indented JSON (both commands write it, and a
+    rerun of a finished run writes it again from the recorded summary when it is missing). Returns its path."""
+    path = Path(output_dir) / TRAINING_SUMMARY
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def plot_loss_curve(log_history: List[dict], path: Path, kept_step: Optional[int] = None) -> None:
+    """Training and evaluation loss against the step, saved as a PNG; `kept_step` (the step of the model saved)
+    is marked when given."""
+    matplotlib = require("matplotlib")
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # the curve of training: what was logged before Trainer's closing summary (the evaluation of the saved model
+    # after it would stand at the last step, beside the last evaluation during training)
+    end = next((i for i, e in enumerate(log_history) if "train_runtime" in e), len(log_history))
+    train = [(e["step"], e["loss"]) for e in log_history[:end] if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history[:end] if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval")
+    if kept_step is not None:
+        ax.axvline(kept_step, color="grey", linestyle="--", label=f"kept model (step {kept_step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("RetNet training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -420,14 +420,15 @@ def fla_intermediate_size(hidden_size: int, hidden_ratio: Optional[float]) -> in
     return 256 * ((size + 255) // 256)
 
 
-def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
+def _fla_fields(src: Path, config_fields: Dict) -> Dict:
+    """fla's config fields of `src` (with `config_fields` over them), early names read as current ones; refuses the
+    variants retnet-hf cannot express, naming the field."""
     fields = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
     fields.update(config_fields)
-    what = str(src)
     if not fields:
         raise ConversionError(f"{src}: no config.json; an fla folder needs fla's config.json.")
     if fields.get("model_type", "retnet") != "retnet":
-        raise ConversionError(f"{what}: model_type={fields.get('model_type')!r}, expected fla's 'retnet'.")
+        raise ConversionError(f"{src}: model_type={fields.get('model_type')!r}, expected fla's 'retnet'.")
     # fla's early (2024) configs spell some fields as Llama does: num_attention_heads, rms_norm_eps, ...
     for name, old_name in (
         ("num_heads", "num_attention_heads"),
@@ -436,7 +437,6 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
     ):
         if fields.get(name) is None and fields.get(old_name) is not None:
             fields[name] = fields[old_name]
-    hidden = fields.get("hidden_size", 2048)
     heads = fields.get("num_heads", 8)
     checks = [
         (fields.get("expand_k", 1.0) != 1, f"expand_k={fields.get('expand_k')} (a key width other than hidden_size)"),
@@ -451,24 +451,28 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
     ]
     for failed, feature in checks:
         if failed:
-            raise ConversionError(f"{what}: {feature} is not supported by retnet-hf.")
-    value_dim = int(hidden * fields.get("expand_v", 2.0))
-    intermediate = fields.get("intermediate_size") or fla_intermediate_size(hidden, fields.get("hidden_ratio", 2))
-    tied = bool(fields.get("tie_word_embeddings", False))
-    model_fields = dict(
+            raise ConversionError(f"{src}: {feature} is not supported by retnet-hf.")
+    return fields
+
+
+def _fla_model_fields(fields: Dict) -> Dict:
+    """Our `RetNetConfig` fields for fla's (`_fla_fields`)."""
+    hidden = fields.get("hidden_size", 2048)
+    return dict(
         vocab_size=fields.get("vocab_size", 32000),
         decoder_embed_dim=hidden,
-        decoder_value_embed_dim=value_dim,
-        decoder_ffn_embed_dim=intermediate,
+        decoder_value_embed_dim=int(hidden * fields.get("expand_v", 2.0)),
+        decoder_ffn_embed_dim=fields.get("intermediate_size")
+        or fla_intermediate_size(hidden, fields.get("hidden_ratio", 2)),
         decoder_layers=fields.get("num_hidden_layers", 24),
-        decoder_retention_heads=heads,
+        decoder_retention_heads=fields.get("num_heads", 8),
         activation_fn="swish",
         no_scale_embedding=True,
         layernorm_embedding=False,
         layernorm_eps=fields.get("norm_eps", 1e-6),
         deepnorm=False,
         decoder_normalize_before=True,
-        share_decoder_input_output_embed=tied,
+        share_decoder_input_output_embed=bool(fields.get("tie_word_embeddings", False)),
         rotary_style="neox",
         retention_normalization=False,
         group_norm_affine=bool(fields.get("elementwise_affine", True)),
@@ -476,6 +480,13 @@ def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
         eos_token_id=fields.get("eos_token_id", 2),
         pad_token_id=fields.get("pad_token_id"),
     )
+
+
+def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
+    fields = _fla_fields(src, config_fields)
+    model_fields = _fla_model_fields(fields)
+    intermediate = model_fields["decoder_ffn_embed_dim"]
+    what = str(src)
     config = _make_config(model_fields, what)
     group_norm = "attn.g_norm_swish_gate.weight" if fields.get("fuse_norm", True) else "attn.g_norm.weight"
     inverse_layer = {ours: theirs for theirs, ours in _FLA_LAYER_KEYS.items()}

@@ -204,6 +204,80 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+def _loaded_for_export(folder: Path):
+    """The folder's RetNetForCausalLM in float32 and eval mode, and its tokenizer (None when the folder has no
+    tokenizer files: the runner then takes token ids)."""
+    from .loading import load_causal_lm, load_tokenizer
+    from .model import RetNetForCausalLM
+
+    model = load_causal_lm(str(folder))
+    if not isinstance(model, RetNetForCausalLM):
+        raise UsageError(f"{folder}: loads as {type(model).__name__}, not RetNetForCausalLM; nothing to export")
+    if not any((folder / name).exists() for name in TOKENIZER_MARKERS):
+        return model.float().eval(), None
+    try:
+        return model.float().eval(), load_tokenizer(str(folder))
+    except UsageError as error:
+        raise UsageError(
+            f"{folder}: its tokenizer does not load ({error}); repair or remove the tokenizer files, or export a "
+            "folder without them (the runner then takes token ids)"
+        ) from error
+
+
+def _export_graphs(model, staging: Path) -> None:
+    """`prefill.onnx` and `step.onnx` of `model` into `staging`, traced on small examples."""
+    import torch
+
+    config = model.config
+    layers = config.decoder_layers
+    prefill, step = _wrappers(model)
+    batch, length = 2, 3  # examples: neither dimension may be 0 or 1 in a trace, or it would be fixed
+    ids = torch.arange(batch * length, dtype=torch.long).reshape(batch, length) % config.vocab_size
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    count = torch.tensor(4, dtype=torch.long)
+    states = _example_states(config, batch)
+    names_in, names_out = state_names(layers), ["logits", *state_names(layers, "next_")]
+    _export_graph(
+        prefill,
+        (ids, mask, count, torch.tensor([0, length - 1]), *states),
+        ["input_ids", "attention_mask", "num_tokens", "logit_positions", *names_in],
+        names_out,
+        staging / GRAPHS["prefill"],
+    )
+    _export_graph(
+        step, (ids[:, :1], count, *states), ["input_ids", "num_tokens", *names_in], names_out, staging / GRAPHS["step"]
+    )
+
+
+def _manifest(model, has_tokenizer: bool) -> dict:
+    """`retnet_onnx.json`'s content for `model`'s graphs (the runner reads the shapes and tokens from it)."""
+    import torch
+
+    from . import __version__
+
+    config = model.config
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    pad = getattr(generation, "pad_token_id", None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graphs": GRAPHS,
+        "num_layers": config.decoder_layers,
+        "num_heads": config.decoder_retention_heads,
+        "key_head_dim": config.decoder_embed_dim // config.decoder_retention_heads,
+        "value_head_dim": config.decoder_value_embed_dim // config.decoder_retention_heads,
+        "vocab_size": config.vocab_size,
+        "chunk_size": config.recurrent_chunk_size,
+        "state_dtype": "float32",
+        "eos_token_id": config.eos_token_id if eos is None else eos,
+        "pad_token_id": config.pad_token_id if pad is None else pad,
+        "tokenizer": has_tokenizer,
+        "exported_with": {"retnet_hf": __version__, "torch": torch.__version__},
+    }
+
+
 def export_onnx(
     folder: Union[str, Path],
     out: Union[str, Path],
@@ -228,82 +302,22 @@ def export_onnx(
         raise UsageError(f"quantize={quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists; choose a new output folder (an export never overwrites one)")
-    config = _read_retnet_config(folder)
+    _read_retnet_config(folder)  # a RetNet folder, said before the exporters are looked for
     require("onnx", "onnx")
     require("onnxscript", "onnx")  # torch.onnx's dynamo exporter translates with it
     if check:
         require("onnxruntime", "onnx")
 
-    import torch
-
-    from . import __version__
-    from .loading import load_causal_lm, load_tokenizer
-    from .model import RetNetForCausalLM
-
-    model = load_causal_lm(str(folder))
-    if not isinstance(model, RetNetForCausalLM):
-        raise UsageError(f"{folder}: loads as {type(model).__name__}, not RetNetForCausalLM; nothing to export")
-    model = model.float().eval()
-    tokenizer = None  # without one the runner takes token ids only
-    if any((folder / name).exists() for name in TOKENIZER_MARKERS):
-        try:
-            tokenizer = load_tokenizer(str(folder))
-        except UsageError as error:
-            raise UsageError(
-                f"{folder}: its tokenizer does not load ({error}); repair or remove the tokenizer files, or export a "
-                "folder without them (the runner then takes token ids)"
-            ) from error
-
-    layers = config.decoder_layers
-    prefill, step = _wrappers(model)
-    batch, length = 2, 3  # examples: neither dimension may be 0 or 1 in a trace, or it would be fixed
-    ids = torch.arange(batch * length, dtype=torch.long).reshape(batch, length) % config.vocab_size
-    mask = torch.ones_like(ids)
-    mask[1, 0] = 0
-    count = torch.tensor(4, dtype=torch.long)
-    states = _example_states(config, batch)
-    names_in, names_out = state_names(layers), ["logits", *state_names(layers, "next_")]
-
+    model, tokenizer = _loaded_for_export(folder)
     notify = notify or (lambda message: warnings.warn(f"retnet-hf export-onnx: {message}"))
     with staged_folder(out, "exporting", "export", notify) as staging:
-        _export_graph(
-            prefill,
-            (ids, mask, count, torch.tensor([0, length - 1]), *states),
-            ["input_ids", "attention_mask", "num_tokens", "logit_positions", *names_in],
-            names_out,
-            staging / GRAPHS["prefill"],
-        )
-        _export_graph(
-            step,
-            (ids[:, :1], count, *states),
-            ["input_ids", "num_tokens", *names_in],
-            names_out,
-            staging / GRAPHS["step"],
-        )
+        _export_graphs(model, staging)
         for name in COPIED_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, staging / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        generation = getattr(model, "generation_config", None)
-        eos = getattr(generation, "eos_token_id", None)
-        pad = getattr(generation, "pad_token_id", None)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "graphs": GRAPHS,
-            "num_layers": layers,
-            "num_heads": config.decoder_retention_heads,
-            "key_head_dim": config.decoder_embed_dim // config.decoder_retention_heads,
-            "value_head_dim": config.decoder_value_embed_dim // config.decoder_retention_heads,
-            "vocab_size": config.vocab_size,
-            "chunk_size": config.recurrent_chunk_size,
-            "state_dtype": "float32",
-            "eos_token_id": config.eos_token_id if eos is None else eos,
-            "pad_token_id": config.pad_token_id if pad is None else pad,
-            "tokenizer": tokenizer is not None,
-            "exported_with": {"retnet_hf": __version__, "torch": torch.__version__},
-        }
+        manifest = _manifest(model, tokenizer is not None)
         if quantize is not None:
             for graph in GRAPHS.values():
                 _quantize_graph(staging / graph, quantize)

@@ -58,6 +58,15 @@ def test_the_old_import_paths_are_gone_by_their_removal_version():
         assert left == [], f"retnet_hf {retnet_hf.__version__} still has {left}, to be removed in {SHIMS_REMOVED_IN}"
 
 
+def test_the_layout_in_docs_names_every_module():
+    """docs/design.md's "Layout" block names each module of the package (the map a newcomer reads first)."""
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"([a-z_]+)\.py", layout))
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules <= named, f"docs/design.md's Layout leaves out {sorted(modules - named)}"
+
+
 def test_the_model_imports_no_tool():
     for path in (PACKAGE / "model").glob("*.py"):
         assert not any(

@@ -118,11 +118,9 @@ class RetNetRetention(nn.Module, MambaBase):
     def retain(self, q, k, v, log_decay, out: torch.Tensor) -> None:
         """Retention of every sequence of the step into `out` `[N, H, Dv]`, from and back into its state slot.
         `q`, `k` `[N, H, D]`, `v` `[N, H, Dv]`. Nothing in vLLM's dummy runs, which have no states."""
-        metadata = get_forward_context().attn_metadata  # {layer: metadata}, the same sequences for every layer
-        metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
-        if metadata is None:
+        plan = StepPlan.of_this_step(self.prefix)
+        if plan is None:
             return
-        plan = StepPlan.of(metadata)
         states, scales = self.kv_cache
         decodes = plan.decodes
         if decodes:  # one token each, all at once in the recurrent form
@@ -168,6 +166,23 @@ class StepPlan:
     prefills: List[Tuple[int, int, int, bool]]
 
     @classmethod
+    def of_this_step(cls, layer_name: str) -> Optional["StepPlan"]:
+        """The plan of the forward pass under way, for layer `layer_name` (None in vLLM's dummy runs, which have no
+        metadata): made once per pass and metadata object, which vLLM shares among the layers of a cache group, not
+        once per layer (`of` reads the metadata back to the host)."""
+        context = get_forward_context()
+        metadata = context.attn_metadata  # {layer: metadata}
+        metadata = metadata.get(layer_name) if isinstance(metadata, dict) else None
+        if metadata is None:
+            return None
+        made = _PLAN_MADE[0]
+        if made is None or made[0] is not context or made[1] is not metadata:
+            # the pass and metadata are held, so no later object takes their ids (vLLM may reuse a metadata object
+            # across passes, updated in place: the pass is part of the key)
+            _PLAN_MADE[0] = made = (context, metadata, cls.of(metadata))
+        return made[2]
+
+    @classmethod
     def of(cls, metadata: LinearAttentionMetadata) -> "StepPlan":
         slots = metadata.state_indices_tensor.long()
         starts = metadata.query_start_loc.tolist()
@@ -184,6 +199,9 @@ class StepPlan:
             decode_fresh=torch.tensor(fresh, device=slots.device)[:, None] if any(fresh) else None,
             prefills=prefills,
         )
+
+
+_PLAN_MADE: List[Optional[Tuple[object, object, StepPlan]]] = [None]  # (forward context, metadata, its plan)
 
 
 def retnet_retention(

@@ -144,17 +144,18 @@ def test_an_unsupported_vllm_is_refused_by_name(monkeypatch):
 @pytest.fixture(scope="module")
 def served(trained_folder):
     """The trained folder in vLLM, and a record of the prefills that continued a state (chunked prefill)."""
-    continued = []
+    continued, passes = [], []
     plan_of = vllm_model.StepPlan.of
 
     def recording(metadata):
         plan = plan_of(metadata)
         continued.extend(prefill for prefill in plan.prefills if prefill[3])
+        passes.append(vllm_model.get_forward_context())  # held: no two passes share an id
         return plan
 
     vllm_model.StepPlan.of = recording
     try:
-        yield LLM(str(trained_folder), **ENGINE), continued
+        yield LLM(str(trained_folder), **ENGINE), continued, passes
     finally:
         vllm_model.StepPlan.of = plan_of
 
@@ -165,11 +166,12 @@ def hf(trained_folder):
 
 
 def test_greedy_equals_generate_for_concurrent_prompts_of_1_to_3000_tokens(served, hf, trained_folder, text):
-    llm, continued = served
+    llm, continued, passes = served
     prompts = prompts_of_lengths(trained_folder, text, PROMPT_LENGTHS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy())
     assert_same_as_generate(outputs, prompts, hf)
     assert continued, "no prefill continued from a state: chunked prefill did not split the long prompts"
+    assert passes and len({id(p) for p in passes}) == len(passes), "a step's plan was made again for a later layer"
     from vllm.config.compilation import CompilationMode
 
     compilation = llm.llm_engine.vllm_config.compilation_config  # compiled around the retention op
@@ -177,7 +179,7 @@ def test_greedy_equals_generate_for_concurrent_prompts_of_1_to_3000_tokens(serve
 
 
 def test_each_concurrent_result_equals_its_result_alone(served, trained_folder, text):
-    llm, _ = served
+    llm, _, _ = served
     prompts = prompts_of_lengths(trained_folder, text, (3, 90, 1))
     together = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy())
     for prompt, output in zip(prompts, together):
@@ -186,13 +188,13 @@ def test_each_concurrent_result_equals_its_result_alone(served, trained_folder, 
 
 
 def test_text_prompts_through_the_folders_tokenizer(served, hf):
-    llm, _ = served
+    llm, _, _ = served
     (output,) = llm.generate(["ROMEO:\nWhat say you"], greedy())
     assert_same_as_generate([output], [list(output.prompt_token_ids)], hf)
 
 
 def test_seeded_sampling_is_reproducible(served, trained_folder, text):
-    llm, _ = served
+    llm, _, _ = served
     prompts = [{"prompt_token_ids": p} for p in prompts_of_lengths(trained_folder, text, (12, 40))]
 
     def sample(seed):

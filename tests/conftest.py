@@ -99,7 +99,7 @@ def import_torchscale():
 
 # ----------------------------------------------------------------------------------------------- saved folders
 
-CODE_FILES = ("modeling_retnet.py", "configuration_retnet.py", "retention.py")
+CODE_FILES = ("modeling_retnet.py", "configuration_retnet.py", "retention.py", "fla_retention.py")
 
 
 def assert_same_state_dict(expected: dict, actual: dict):
@@ -183,3 +183,38 @@ except ImportError:
 else:
     raise SystemExit("retnet_hf is importable in the child process; the trust_remote_code test would prove nothing")
 """
+
+
+# -------------------------------------------------------- flash-linear-attention's kernels through the interpreter
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run_interpreted(cases: Path, tmp_path: Path, timeout: int = 600) -> str:
+    """Run the pytest file `cases` in a child python with flash-linear-attention's Triton kernels interpreted on the
+    CPU (the plugin tests/fla_interpreter.py, loaded before triton is imported); fail with the child's output
+    unless every case there passed (a skip counts as a failure: CI installs fla and triton). Skips when fla or
+    triton is not installed. Returns the child's output."""
+    import importlib.util
+
+    missing = [name for name in ("fla", "triton") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not installed (pip install --no-deps flash-linear-attention==0.6.0 "
+            "fla-core==0.6.0 triton==3.9.0 einops)"
+        )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]), HF_HOME=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)  # the plugin sets it, and refuses a triton imported before it
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "fla_interpreter"]
+    result = subprocess.run(
+        [*command, "--rootdir", str(TESTS_DIR), "--basetemp", str(tmp_path / "basetemp"), str(cases)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    assert result.returncode == 0 and " passed" in summary and "skipped" not in summary, output
+    return output

@@ -15,10 +15,16 @@ except ImportError:  # transformers 4.x, as pinned by AutoTrain
 
 
 RETENTION_FORMS = ("auto", "parallel", "chunkwise", "recurrent")
+RETENTION_BACKENDS = ("auto", "torch", "fla")
 ROTARY_STYLES = ("torchscale", "neox")
 ACTIVATIONS = ("swish", "gelu")
 
-CHOICES = {"activation_fn": ACTIVATIONS, "rotary_style": ROTARY_STYLES, "retention_form": RETENTION_FORMS}
+CHOICES = {
+    "activation_fn": ACTIVATIONS,
+    "rotary_style": ROTARY_STYLES,
+    "retention_form": RETENTION_FORMS,
+    "retention_backend": RETENTION_BACKENDS,
+}
 POSITIVE_INTEGERS = (
     "vocab_size",
     "decoder_embed_dim",
@@ -146,6 +152,11 @@ class RetNetConfig(PreTrainedConfig):
         group_norm_affine (`bool`): a learnable weight [Dv] in the per-head group norm (flash-linear-attention).
         retention_form (`str`): `"parallel"`, `"chunkwise"`, `"recurrent"`, or `"auto"`: recurrent for one-token
             steps, chunkwise otherwise (a sequence no longer than one chunk is then computed in parallel).
+        retention_backend (`str`): what computes retention: `"torch"`, this package's PyTorch code (`retention.py`,
+            the reference, in float32 at least); `"fla"`, flash-linear-attention's Triton kernels
+            (`fla_retention.py`: on a CUDA device, in the model's dtype with float32 accumulation); `"auto"`, fla
+            on a CUDA device when it is installed, else torch. Where fla cannot run a call (not installed, a CPU,
+            float64, the parallel form with a state), torch computes it and one log line says why.
     """
 
     model_type = "retnet_hf"
@@ -180,6 +191,7 @@ class RetNetConfig(PreTrainedConfig):
         retention_normalization: bool = True,
         group_norm_affine: bool = False,
         retention_form: str = "auto",
+        retention_backend: str = "auto",
         use_cache: bool = True,
         pad_token_id: int = None,
         bos_token_id: int = None,
@@ -207,6 +219,7 @@ class RetNetConfig(PreTrainedConfig):
             retention_normalization=retention_normalization,
             group_norm_affine=group_norm_affine,
             retention_form=retention_form,
+            retention_backend=retention_backend,
             use_cache=use_cache,
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -268,4 +281,4 @@ class RetNetConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["RetNetConfig", "RETENTION_FORMS"]
+__all__ = ["RetNetConfig", "RETENTION_BACKENDS", "RETENTION_FORMS"]

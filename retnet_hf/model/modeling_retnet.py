@@ -25,10 +25,14 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import is_torchdynamo_compiling
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .configuration_retnet import RETENTION_FORMS, RetNetConfig
+from .fla_retention import FLA_RETENTION_FUNCTIONS, fla_unavailable
 from .retention import RETENTION_FUNCTIONS, RetentionState, states_after_tokens
+
+
+logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- transformers versions
@@ -492,6 +496,7 @@ class RetentionInputs:
     rotation: `(cos, signed_sin(sin))`, each `[T, D]`, for the positions of this call's tokens (at least float32).
     log_decay: `[H]`, log(gamma_h).
     form: `"parallel"`, `"chunkwise"` or `"recurrent"`.
+    backend: `"torch"` (`retention.py`) or `"fla"` (`fla_retention.py`).
     valid: bool `[B, T]`, False at padding; None when every token is real.
     resets: bool `[B, T]`, True where a document starts and the state before it is discarded; None if none.
     output_final_state: whether the layers return their new state (False in training without a cache).
@@ -502,6 +507,7 @@ class RetentionInputs:
     rotation: Tuple[torch.Tensor, torch.Tensor]
     log_decay: torch.Tensor
     form: str
+    backend: str = "torch"
     valid: Optional[torch.Tensor] = None
     resets: Optional[torch.Tensor] = None
     output_final_state: bool = True
@@ -521,10 +527,13 @@ class MultiScaleRetention(nn.Module):
         self.key_head_dim = d // heads
         self.value_head_dim = dv // heads
         self.scaling = self.key_head_dim**-0.5
-        self.retention_functions = dict(
-            RETENTION_FUNCTIONS,
-            chunkwise=partial(RETENTION_FUNCTIONS["chunkwise"], chunk_size=config.recurrent_chunk_size),
-        )
+        self.retention_functions = {
+            "torch": dict(
+                RETENTION_FUNCTIONS,
+                chunkwise=partial(RETENTION_FUNCTIONS["chunkwise"], chunk_size=config.recurrent_chunk_size),
+            ),
+            "fla": dict(FLA_RETENTION_FUNCTIONS),
+        }
         self.rotary_style = config.rotary_style
         self.retention_normalization = config.retention_normalization
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -589,7 +598,7 @@ class MultiScaleRetention(nn.Module):
         # the states after each of the last tokens, the final one last (first: the recurrent form may update the
         # incoming state in place)
         history = states_after_tokens(k, v, keep=inputs.states_to_keep, **common) if inputs.states_to_keep else None
-        out, state = self.retention_functions[inputs.form](
+        out, state = self.retention_functions[inputs.backend][inputs.form](
             q,
             k,
             v,
@@ -847,6 +856,21 @@ class RetNetModel(RetNetPreTrainedModel):
             return "recurrent" if length == 1 else "chunkwise"
         return form
 
+    def _choose_backend(self, hidden_states: torch.Tensor, form: str, stateful: bool) -> str:
+        """`"fla"` or `"torch"` for this call, from `config.retention_backend`; a fallback to torch that the user
+        would not expect (fla asked for, or a CUDA device) logs its reason once."""
+        requested = self.config.retention_backend
+        if requested == "torch" or (requested == "auto" and not hidden_states.is_cuda):
+            return "torch"
+        reason = fla_unavailable(hidden_states, form, stateful)
+        if reason is None:
+            return "fla"
+        logger.warning_once(
+            f"RetNet: retention_backend={requested!r}, but this call runs retention in PyTorch "
+            f"(retention_backend='torch'): {reason}."
+        )
+        return "torch"
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -878,10 +902,12 @@ class RetNetModel(RetNetPreTrainedModel):
         positions = cache.positions(length, device) if cache is not None else torch.arange(length, device=device)
 
         (cos, sin), log_decay = self.retnet_rel_pos(positions, hidden_states.dtype)
+        form = self._choose_form(retention_form, length)
         inputs = RetentionInputs(
             rotation=(cos, signed_sin(sin, self.config.rotary_style)),
             log_decay=log_decay,
-            form=self._choose_form(retention_form, length),
+            form=form,
+            backend=self._choose_backend(hidden_states, form, stateful=has_state or bool(use_cache)),
             valid=self._valid_tokens(attention_mask, batch, length, cache),
             resets=self._document_starts(position_ids, packing.get("cu_seq_lens_q"), batch, length, has_state),
             output_final_state=use_cache,

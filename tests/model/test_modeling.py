@@ -68,7 +68,7 @@ def test_config_field_chooses_the_form(monkeypatch):
     x = tokens(length=9)
     calls = []
     for layer in model.model.layers:
-        functions = layer.retention.retention_functions
+        functions = layer.retention.retention_functions["torch"]
         for form, function in list(functions.items()):
 
             def spy(q, *args, _form=form, _function=function, **kwargs):

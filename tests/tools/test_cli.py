@@ -65,6 +65,7 @@ def test_train_writes_a_complete_folder_that_loads(trained):
         "modeling_retnet.py",
         "configuration_retnet.py",
         "retention.py",
+        "fla_retention.py",
     ):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())

@@ -44,6 +44,7 @@ COMPLETE = {
     "README.md",
     "config.json",
     "configuration_retnet.py",
+    "fla_retention.py",
     "generation_config.json",
     "model.safetensors",
     "modeling_retnet.py",

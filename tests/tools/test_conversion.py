@@ -1,10 +1,12 @@
 """Checkpoint conversion: torchscale/fairseq, syncdoth-format and flash-linear-attention (fla) sources.
 
 Everything is built locally from tiny random models; nothing is downloaded. torchscale 0.3.0 is the reference for
-the torchscale and syncdoth formats. fla's own package needs a GPU (Triton kernels), so its math is written here in
-plain PyTorch from its published formulas (`fla/layers/multiscale_retention.py`, `fla/ops/retention/naive.py`,
-`fla/modules/rotary.py`, `fla/modules/fused_norm_gate.py`, `fla/modules/mlp.py`) and the converted model is checked
-against that reference.
+the torchscale and syncdoth formats. fla is checked twice. Its math is written here in plain PyTorch from its
+published formulas (`fla/layers/multiscale_retention.py`, `fla/ops/retention/naive.py`, `fla/modules/rotary.py`,
+`fla/modules/fused_norm_gate.py`, `fla/modules/mlp.py`): a fast reference, in float64, for folders written here (two
+layouts, sharded, tied). And fla's own model (fla 0.6.0), saved by fla, is checked against its conversion in float32
+with its Triton kernels run on the CPU by Triton's interpreter, in a child process (tests/fla_interpreter.py; the
+cases are in fla_conversion_cases.py).
 """
 
 import argparse
@@ -32,7 +34,15 @@ import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
 from retnet_hf.conversion import ConversionError, convert_checkpoint, from_torchscale_key
 
-from conftest import REPO_ROOT, cache_of, import_torchscale, logits_token_by_token, random_ids, relative_difference
+from conftest import (
+    REPO_ROOT,
+    cache_of,
+    import_torchscale,
+    logits_token_by_token,
+    random_ids,
+    relative_difference,
+    run_interpreted,
+)
 
 
 TorchscaleConfig, RetNetDecoder = import_torchscale()
@@ -515,6 +525,14 @@ def test_fla_folder_converts_to_fla_logits_in_every_form(tmp_path, variant):
         layer.retention.rotary_style = "torchscale"
     with torch.no_grad():
         assert relative_difference(model(ids).logits, reference) > 1e-3
+
+
+def test_fla_model_saved_by_fla_converts_to_its_logits_and_greedy_tokens(tmp_path):
+    """fla's own RetNetForCausalLM, tiny with random weights (default, unfused norms, tied embeddings), saved by
+    fla's `save_pretrained` and converted: its logits in each attention mode, unpadded and left-padded, step by
+    step through both caches, and its greedy tokens from a loop over its cache. fla's Triton kernels run in
+    Triton's interpreter, in a child process (tests/tools/fla_conversion_cases.py)."""
+    run_interpreted(Path(__file__).with_name("fla_conversion_cases.py"), tmp_path)
 
 
 def test_fla_unsupported_features_are_refused(tmp_path):

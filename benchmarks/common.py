@@ -12,11 +12,20 @@ rows (dicts) that the scripts print as tables.
   matrix), the decode benchmark's ceiling.
 - `PeakMemory`: peak memory increase inside a `with` block: bytes of live tensors (CUDA: the allocator's peak;
   CPU: torch.profiler's allocation events), and on the CPU also the sampled RSS.
+- `retention_backend(model, name)`: RetNet's `config.retention_backend` set for a `with` block ("torch": the
+  package's PyTorch retention, "fla": flash-linear-attention's Triton kernels); `fla_backend_unavailable(device,
+  dtype)` says why the fla backend cannot run there (None when it can).
+- `flash_attention_2_llama(...)` and `fla_retnet(...)`: the optional rivals of the training benchmark, a Llama with
+  FlashAttention-2 and flash-linear-attention's own RetNet (`conversion.fla_config_fields`: its config fields for our size),
+  each a model or a sentence saying why it cannot be built here.
+- `publish` writes a benchmark's table and rows at its end, `save_partial` the rows so far while it runs (a run
+  stopped by a time limit keeps them); `error_summary` is an exception in a table cell.
 - `interleaved_timings(measures, rounds)` and `paired_median_ratio`: timings taken side by side in rounds, and
   the median of their per-round ratio, so that a ratio compares figures taken moments apart (the shared machines
   these run on drift by 10% over seconds to minutes).
 """
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -27,12 +36,14 @@ import sys
 import threading
 import time
 import types
-from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from retnet_hf.conversion import fla_config_fields
 from retnet_hf.model import RetNetCache, RetNetConfig, RetNetForCausalLM
+from retnet_hf.model.fla_retention import fla_unavailable
 from retnet_hf.presets import preset_config
 
 
@@ -136,6 +147,73 @@ def build_models(retnet_config: RetNetConfig, llama_config=None, dtype=torch.flo
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(llama_config).to(device=device, dtype=dtype).eval()
     return retnet, llama
+
+
+@contextlib.contextmanager
+def retention_backend(model: nn.Module, name: Optional[str]) -> Iterator[None]:
+    """RetNet's `config.retention_backend` (read at every forward call) set to `name` inside the block and restored
+    after it; `name` None, or a model that is not ours, leaves the config alone."""
+    config = model.config
+    if name is None or not isinstance(config, RetNetConfig):
+        yield
+        return
+    previous = getattr(config, "retention_backend", None)
+    config.retention_backend = name
+    try:
+        yield
+    finally:
+        config.retention_backend = previous
+
+
+def fla_backend_unavailable(device="cpu", dtype=torch.float32) -> Optional[str]:
+    """Why RetNet's `retention_backend="fla"` cannot run its kernels on `device` in `dtype` (a sentence; the model
+    would fall back to PyTorch), or None when it can."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    probe = torch.empty(1, 1, 1, device=device, dtype=dtype)
+    return fla_unavailable(probe, "chunkwise", stateful=True)
+
+
+def flash_attention_2_llama(retnet_config: RetNetConfig, dtype=torch.float32, device="cpu", seed=0):
+    """The same-size Llama (`same_size_llama`, the weights of `build_models`' Llama: same seed) with transformers'
+    `attn_implementation="flash_attention_2"`, or a sentence saying why it cannot run here: the flash-attn package
+    (transformers' FlashAttention-2) needs a CUDA device and half precision."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    if torch.device(device).type != "cuda":
+        return "FlashAttention-2 needs a CUDA device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention-2 takes float16 or bfloat16, not {dtype} (--dtype bfloat16)"
+    if not is_flash_attn_2_available():
+        return (
+            "the flash-attn package is not installed (it builds from source for the machine's torch; transformers' "
+            "kernels-based FlashAttention downloads its kernel from the Hub, which this machine may not reach)"
+        )
+    torch.manual_seed(seed)
+    config = same_size_llama(retnet_config, attn_implementation="flash_attention_2")
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def fla_retnet(retnet_config: RetNetConfig, dtype=torch.float32, device="cpu", seed=0) -> Union[nn.Module, str]:
+    """flash-linear-attention's own `RetNetForCausalLM` of our `retnet_config`'s size (`retnet_hf.conversion.fla_config_fields`), random
+    weights, or a sentence saying why it cannot run here (its Triton kernels need a CUDA device)."""
+    if torch.device(device).type != "cuda":
+        return "flash-linear-attention's Triton kernels need a CUDA device"
+    try:
+        from fla.models import RetNetConfig as FlaRetNetConfig
+        from fla.models import RetNetForCausalLM as FlaRetNetForCausalLM
+    except ImportError as error:
+        return f"flash-linear-attention does not import ({error})"
+    torch.manual_seed(seed)
+    model = FlaRetNetForCausalLM(FlaRetNetConfig(**fla_config_fields(retnet_config)))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def error_summary(error: BaseException, width: int = 160) -> str:
+    """`"TypeName: the first line of the message"`, cut at `width` characters: for a table cell."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:width] if lines else ''}".rstrip(": ")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -526,9 +604,11 @@ def prepare_run(args) -> dict:
     }
 
 
-def publish(out: str, stem: str, preamble: List[str], body: List[str], rows: List[dict], png: str) -> List[str]:
+def publish(
+    out: str, stem: str, preamble: List[str], body: List[str], rows: List[dict], png: Optional[str]
+) -> List[str]:
     """Print `body` (table, notes), write `preamble` + `body` to `out/stem.md` and the rows to `out/stem.json`,
-    and say where they and the plot `png` went; returns the two paths."""
+    and say where they and the plot `png` (if any) went; returns the two paths."""
     import json
 
     print("\n" + "\n\n".join(body))
@@ -537,8 +617,20 @@ def publish(out: str, stem: str, preamble: List[str], body: List[str], rows: Lis
         handle.write("\n".join(preamble) + "\n\n" + "\n\n".join(body) + "\n")
     with open(paths[1], "w") as handle:
         json.dump(rows, handle, indent=1, default=str)
-    print(f"\nsaved {png}, {', '.join(paths)}")
+    print(f"\nsaved {', '.join(([png] if png else []) + paths)}")
     return paths
+
+
+def save_partial(out: str, stem: str, preamble: List[str], rows: List[dict], columns: Sequence[str]) -> None:
+    """Write the rows measured so far to `out/stem.md` (said to be partial) and `out/stem.json`, printing nothing:
+    a run stopped part-way (a time limit) keeps what it had measured; `publish` overwrites both at the end."""
+    import json
+
+    note = "partial: the rows measured so far (the run had not finished when this was written)"
+    with open(os.path.join(out, f"{stem}.md"), "w") as handle:
+        handle.write("\n".join(preamble) + "\n\n" + format_table(rows, columns) + "\n\n" + note + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as handle:
+        json.dump(rows, handle, indent=1, default=str)
 
 
 def log_axes(axis, xlabel: str, ylabel: str, fontsize: int = 7) -> None:

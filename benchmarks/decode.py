@@ -24,6 +24,13 @@ cache, the prefill and its copy, one layer's torch.cat; and 0.2 GiB for RetNet's
 and says so. Add 32k with --contexts 256,512,2k,8k,16k,32k (Llama's prefill alone then takes about 6 more minutes,
 its batch-1 steps about 4; its batch 8 is skipped on a 23.5 GiB machine).
 Quick run (tiny model, seconds): python -m benchmarks.decode --quick
+
+On a GPU: --device cuda --dtype bfloat16, and --paths generate,step,compiled adds the `compiled` path: generate()
+through transformers' compile path (`compile_config`: torch.compile of the forward for the one-token steps, with
+CUDA graphs in inductor's "reduce-overhead" mode), RetNet on its own cache (`RetNetCache`, whose recurrent states
+keep their addresses), Llama on a `StaticCache` sized for each context. Its rows say whether generate() did compile
+(`compiled`); where transformers would not, the figures are eager ones and say so. --retention-backend picks
+RetNet's retention (auto, the default: flash-linear-attention's kernels on CUDA where installed; torch; fla).
 """
 
 import argparse
@@ -48,6 +55,8 @@ from .common import (
     build_models,
     cache_bytes,
     describe_models,
+    error_summary,
+    fla_backend_unavailable,
     format_table,
     interleaved_timings,
     llama_kv_bytes,
@@ -62,6 +71,7 @@ from .common import (
     release_freed_memory,
     retnet_state_bytes,
     save_figure,
+    save_partial,
     size_config,
     timed,
     weight_bytes_per_token,
@@ -87,16 +97,19 @@ def _restorable_cache(model, prefilled, context: int, batch: int):
 
 
 WARM_UP_TOKENS = 2  # new tokens of the untimed run of every (model, path) before a point's rounds
+# ... of the compiled path: the compile, then CUDA graph trees' warm-up run, recording run and a replay
+COMPILED_WARM_UP_TOKENS = 5
 
 
-def decode_bytes_needed(model: nn.Module, context: int, batch: int, new_tokens: int) -> float:
+def decode_bytes_needed(model: nn.Module, context: int, batch: int, new_tokens: int, compiled: bool = False) -> float:
     """What one model's decode point keeps alive at once, in bytes (the memory guard's estimate): RetNet the
     batch's state, a run's copy of it and the batch-1 prefill's; Llama the batch's KV cache at `context +
-    new_tokens` tokens, the batch-1 prefill's and its copy, and one layer's torch.cat per step."""
+    new_tokens` tokens, the batch-1 prefill's and its copy, and one layer's torch.cat per step. With `compiled`
+    (the compiled path), one more state or static KV cache of the batch."""
     if isinstance(model, RetNetForCausalLM):
-        return retnet_state_bytes(model.config, batch) * (2 + 1 / batch)
+        return retnet_state_bytes(model.config, batch) * (2 + 1 / batch + compiled)
     kv = llama_kv_bytes(model.config, context + new_tokens, batch, next(model.parameters()).element_size())
-    return kv * (1 + 2 / batch + 2 / model.config.num_hidden_layers)
+    return kv * (1 + 2 / batch + 2 / model.config.num_hidden_layers + compiled)
 
 
 def decode_benchmark(
@@ -111,6 +124,8 @@ def decode_benchmark(
     memory_fraction: float = 0.8,
     seed: int = 0,
     log: Callable[[str], None] = lambda message: None,
+    compile_config=None,
+    progress: Callable[[List[dict]], None] = lambda rows: None,
 ) -> List[dict]:
     """Decode speed and memory of RetNet (recurrent state) against Llama (DynamicCache KV cache, SDPA), the two
     timed side by side.
@@ -124,7 +139,14 @@ def decode_benchmark(
       next token (N = `new_tokens`), with a streamer recording when each new token arrives; per step
       `(t_last - t_first) / (N - 1)`, which leaves out generate's set-up and the first forward;
     - `step`: a bare loop of N calls `model(token, **{CACHE_NAME: cache}, use_cache=True)`, greedy; per step its
-      time over N.
+      time over N;
+    - `compiled` (opt-in): generate() as above but through transformers' compile path (`compile_config`, by default
+      `CompileConfig()`: inductor, CUDA graphs), from an empty cache that keeps its tensors' addresses from call to
+      call (reset in place): RetNet's `RetNetCache`, one per batch size, and a `StaticCache` of `context + 1 + N`
+      tokens per point for Llama; generate() prefills the prompt itself (eagerly) and compiles the one-token steps.
+      `compiled` says whether it did (transformers compiles no cache of growing size, and on a CPU only models
+      that ask for it, as RetNet does); its warm-up run (`COMPILED_WARM_UP_TOKENS`) compiles and records the
+      graphs. A (model, path) that raises is a row that says so, and the others go on.
 
     At each (context, batch) both models' caches are alive at once and, after one untimed run of every (model,
     path) with `WARM_UP_TOKENS` new tokens, the timings are taken in `rounds` rounds (`interleaved_timings`): each
@@ -146,10 +168,13 @@ def decode_benchmark(
     `memory_fraction` of the available memory, and at each batch the models are admitted in turn (RetNet first)
     while the sum of their `decode_bytes_needed` fits in it, since their caches are alive together; a point left
     out is a row with `skipped` set, and a model admitted alone is timed alone (no paired ratio). Returns one row
-    per model, context, batch and path, those of one (context, batch) together.
+    per model, context, batch and path, those of one (context, batch) together; `progress` gets the rows so far
+    after each context.
     """
     device = next(retnet.parameters()).device
     models = {"RetNet": retnet, "Llama": llama}
+    compiled = "compiled" in paths
+    compiled_caches = {}  # RetNet's, by batch size: the same tensors for every context
     weight_bytes = {name: weight_bytes_per_token(model) for name, model in models.items()}
     element_size = next(llama.parameters()).element_size()
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +182,7 @@ def decode_benchmark(
     for context in contexts:
         prompt = torch.randint(0, retnet.config.vocab_size, (1, context), generator=generator).to(device)
         needed = {
-            name: {batch: decode_bytes_needed(model, context, batch, new_tokens) for batch in batch_sizes}
+            name: {batch: decode_bytes_needed(model, context, batch, new_tokens, compiled) for batch in batch_sizes}
             for name, model in models.items()
         }
         prefilled = {}  # name -> (batch-1 cache, its next token, prefill seconds)
@@ -186,9 +211,13 @@ def decode_benchmark(
                     continue
                 admitted = alive
                 points[name] = _decode_point(model, prefilled[name][0], prefilled[name][1], prompt, batch)
+                if compiled:
+                    points[name]["compiled"] = _compiled_cache(model, compiled_caches, context, batch, new_tokens)
             if points:
                 log(f"decode: {' and '.join(points)} context {context} batch {batch}, {rounds} rounds")
-                seconds, peaks = _time_side_by_side(models, points, paths, new_tokens, rounds, device)
+                seconds, peaks, notes = _time_side_by_side(
+                    models, points, paths, new_tokens, rounds, device, compile_config
+                )
             for name, model in models.items():
                 if name in skipped:
                     rows += skipped[name]
@@ -202,13 +231,16 @@ def decode_benchmark(
                 )
                 ideal = {probe: batch * gbs * 1e9 / step_bytes for probe, gbs in (bandwidths or {}).items() if gbs}
                 for path in paths:
+                    if (name, path) not in seconds:  # it raised
+                        rows.append({**_skipped_row(name, context, batch, path, 0), "skipped": notes[(name, path)]})
+                        continue
                     per_round = seconds[(name, path)]
                     per_token = statistics.median(per_round)
                     tokens_per_second = batch / per_token if per_token > 0 else float("nan")
                     versus_llama = versus_step = None
-                    if name == "RetNet" and "Llama" in points:
+                    if name == "RetNet" and ("Llama", path) in seconds:
                         versus_llama = paired_median_ratio(seconds[("Llama", path)], per_round)
-                    if path == "generate" and "step" in paths:
+                    if path == "generate" and (name, "step") in seconds:
                         versus_step = paired_median_ratio(per_round, seconds[(name, "step")])
                     rows.append(
                         {
@@ -216,6 +248,7 @@ def decode_benchmark(
                             "context": context,
                             "batch": batch,
                             "path": path,
+                            "compiled": notes.get((name, path)),
                             "ms/step": per_token * 1e3,
                             "tokens/s": tokens_per_second,
                             "x Llama tokens/s": versus_llama,
@@ -234,6 +267,7 @@ def decode_benchmark(
             release_freed_memory()
         del prefilled
         release_freed_memory()
+        progress(rows)
     return rows
 
 
@@ -261,33 +295,74 @@ def _decode_point(model, prefilled, first, prompt, batch: int) -> dict:
     )
 
 
-def _time_side_by_side(models, points, paths, new_tokens, rounds, device):
+def _compiled_cache(model, compiled_caches: dict, context: int, batch: int, new_tokens: int) -> Callable:
+    """For the compiled path: a function giving the model's empty cache of static addresses, reset in place (RetNet:
+    a `RetNetCache` per batch size, kept in `compiled_caches`; Llama: a `StaticCache` of this context's size)."""
+    if isinstance(model, RetNetForCausalLM):
+        cache = compiled_caches.setdefault(batch, RetNetCache(model.config.decoder_layers))
+    else:
+        from transformers import StaticCache
+
+        steps = max(new_tokens, COMPILED_WARM_UP_TOKENS)
+        cache = StaticCache(config=model.config, max_cache_len=context + 1 + steps)
+
+    def reset():
+        cache.reset()
+        return cache
+
+    return reset
+
+
+def _time_side_by_side(models, points, paths, new_tokens, rounds, device, compile_config=None):
     """Times every (model, path) of one context and batch side by side: one untimed run of each with
-    `WARM_UP_TOKENS` new tokens, then `rounds` rounds of `interleaved_timings` (each runs every (model, path)
-    once: in the order of `paths`, RetNet before Llama, rotated by one each round), then per model an
-    untimed step loop inside `PeakMemory`. Returns each (model, path)'s seconds per step, one per round, and each
-    model's `PeakMemory`."""
-    runs = {}
+    `WARM_UP_TOKENS` new tokens (`COMPILED_WARM_UP_TOKENS` for the compiled path), then `rounds` rounds of
+    `interleaved_timings` (each runs every (model, path) once: in the order of `paths`, RetNet before Llama,
+    rotated by one each round), then per model an untimed step loop inside `PeakMemory`. Returns each (model,
+    path)'s seconds per step, one per round, each model's `PeakMemory`, and notes by (model, path): for the
+    compiled path whether generate() compiled, and for a (model, path) whose warm-up raised (left out of the
+    rounds) what it raised."""
+    runs, notes = {}, {}
     for path in paths:
         for name, point in points.items():
             if path == "generate":
                 runs[(name, path)] = functools.partial(
                     _generate_seconds_per_token, models[name], point["ids"], point["fresh"]
                 )
+            elif path == "compiled":
+                runs[(name, path)] = functools.partial(
+                    _generate_seconds_per_token,
+                    models[name],
+                    point["ids"],
+                    point["compiled"],
+                    compile_config=compile_config or _default_compile_config(),
+                )
             else:
                 runs[(name, path)] = functools.partial(
                     _step_seconds_per_token, models[name], point["first"], point["fresh"], device=device
                 )
     with torch.no_grad():
-        for run in runs.values():
-            run(WARM_UP_TOKENS)
+        for key, run in list(runs.items()):
+            try:
+                run(COMPILED_WARM_UP_TOKENS if key[1] == "compiled" else WARM_UP_TOKENS)
+            except Exception as error:  # e.g. a compile that fails: the other (model, path)s go on
+                notes[key] = f"failed: {error_summary(error)}"
+                del runs[key]
+                continue
+            if key[1] == "compiled":
+                notes[key] = "yes" if hasattr(models[key[0]], "_compiled_call") else "no: generate() ran eager"
         seconds = interleaved_timings({key: functools.partial(run, new_tokens) for key, run in runs.items()}, rounds)
         peaks = {}
         for name, point in points.items():
             # memory in a pass of its own, so that the sampling thread cannot disturb the timings
             with PeakMemory(device) as peaks[name]:
                 _step_seconds_per_token(models[name], point["first"], point["fresh"], new_tokens, device)
-    return seconds, peaks
+    return seconds, peaks, notes
+
+
+def _default_compile_config():
+    from transformers import CompileConfig
+
+    return CompileConfig()
 
 
 class TimingStreamer:
@@ -307,10 +382,11 @@ class TimingStreamer:
         pass
 
 
-def _generate_seconds_per_token(model, ids, fresh_cache, new_tokens) -> float:
-    """Seconds per decode step inside one `generate()` call of `max(new_tokens, 2)` new tokens from a fresh cache:
-    the time between the first and the last new token (as a streamer receives them) over the steps between them,
-    so generate's set-up, the first forward (the prompt's last token) and its wrap-up are left out."""
+def _generate_seconds_per_token(model, ids, fresh_cache, new_tokens, **generate_kwargs) -> float:
+    """Seconds per decode step inside one `generate()` call (with `generate_kwargs`) of `max(new_tokens, 2)` new
+    tokens from a fresh cache: the time between the first and the last new token (as a streamer receives them) over
+    the steps between them, so generate's set-up, the first forward (the prompt's last token, or the whole prompt
+    from an empty cache) and its wrap-up are left out."""
     steps = max(new_tokens, 2)
     streamer = TimingStreamer()
     model.generate(
@@ -322,6 +398,7 @@ def _generate_seconds_per_token(model, ids, fresh_cache, new_tokens) -> float:
         max_new_tokens=steps,
         pad_token_id=0,
         streamer=streamer,
+        **generate_kwargs,
     )
     assert len(streamer.times) == steps, len(streamer.times)
     return (streamer.times[-1] - streamer.times[0]) / (steps - 1)
@@ -352,7 +429,8 @@ GOALS = {
 def decode_summary(rows: List[dict]) -> List[str]:
     """The issue's decode goals, read off the rows where they were measured: RetNet's share of the ceiling and
     its per-token time at the longest context over that at 512 (from the medians), RetNet/Llama tokens/s (the
-    rows' paired `x Llama tokens/s`) and generate() against the step loop (the paired `x step time`)."""
+    rows' paired `x Llama tokens/s`) and generate() against the step loop (the paired `x step time`); and where
+    the compiled path ran eager."""
 
     def value(model, context, batch, path, key="ms/step"):
         for row in rows:
@@ -368,7 +446,7 @@ def decode_summary(rows: List[dict]) -> List[str]:
     lines = []
     contexts = sorted({row["context"] for row in rows})
     batches = sorted({row["batch"] for row in rows})
-    paths = [p for p in ("step", "generate") if any(row["path"] == p for row in rows)]
+    paths = [p for p in ("step", "generate", "compiled") if any(row["path"] == p for row in rows)]
     for batch in batches:
         goal = GOALS["% ceiling"].get(batch)
         for context in contexts:
@@ -408,6 +486,19 @@ def decode_summary(rows: List[dict]) -> List[str]:
                         f"{100 * (ratio - 1):+.1f}% vs the step loop, paired per round "
                         f"(goal: within {GOALS['generate within %']}%)"
                     )
+    for model in ("RetNet", "Llama"):  # the compiled path's figures are eager ones where generate() did not compile
+        eager = sorted(
+            {
+                row["context"]
+                for row in rows
+                if row["model"] == model
+                and row.get("compiled", "") != "yes"
+                and row["path"] == "compiled"
+                and not row.get("skipped")
+            }
+        )
+        if eager:
+            lines.append(f"{model} compiled path: generate() did not compile at contexts {eager}: eager figures")
     return lines
 
 
@@ -418,7 +509,7 @@ def plot_decode(rows: List[dict], path: str, title: str = "") -> str:
     rows = [row for row in rows if not row.get("skipped")]
     for model, colour in (("RetNet", "tab:blue"), ("Llama", "tab:red")):
         for batch, marker in zip(sorted({row["batch"] for row in rows}), "os^v"):
-            for kind, style in (("step", "-"), ("generate", "--")):
+            for kind, style in (("step", "-"), ("generate", "--"), ("compiled", "-.")):
                 points = sorted(
                     (row["context"], row["tokens/s"], row["decode MB"])
                     for row in rows
@@ -443,11 +534,14 @@ def plot_decode(rows: List[dict], path: str, title: str = "") -> str:
     return save_figure(plt, figure, title or "Decode: RetNet vs Llama (KV cache)", path)
 
 
+PATHS = ("generate", "step", "compiled")
+
 COLUMNS = [
     "model",
     "context",
     "batch",
     "path",
+    "compiled",
     "ms/step",
     "tokens/s",
     "x Llama tokens/s",
@@ -479,7 +573,27 @@ def parse_args(argv=None):
         help="rounds: each times every (model, path) of a context and batch once, side by side; medians and "
         "paired ratios over them; default 3",
     )
-    parser.add_argument("--paths", default="generate,step", help="'generate,step' (default), or one of them")
+    parser.add_argument(
+        "--paths",
+        default="generate,step",
+        help="'generate,step' (default), or one of them; add 'compiled' for generate() through transformers' "
+        "compile path",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled path; default inductor"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        help="inductor's mode for the compiled path ('reduce-overhead': CUDA graphs; 'none' for none); default "
+        "reduce-overhead",
+    )
+    parser.add_argument(
+        "--retention-backend",
+        choices=("auto", "torch", "fla"),
+        default=None,
+        help="RetNet's retention_backend (default: the config's, auto: fla's kernels on CUDA where installed)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if quick:
@@ -489,6 +603,9 @@ def parse_args(argv=None):
     args.batch_sizes = args.batch_sizes or ([1, 2] if quick else [1, 8])
     args.new_tokens = args.new_tokens or (4 if quick else 16)
     args.paths = [path for path in args.paths.replace(",", " ").split()]
+    unknown = [path for path in args.paths if path not in PATHS]
+    if unknown:
+        parser.error(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
     return args
 
 
@@ -502,11 +619,25 @@ def main(argv=None) -> int:
     )
     retnet_config = size_config(args.size)
     retnet, llama = build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
+    if args.retention_backend:
+        retnet.config.retention_backend = args.retention_backend
+    compile_config = None
+    if "compiled" in args.paths:
+        from transformers import CompileConfig
+
+        mode = None if args.compile_mode == "none" or args.compile_backend != "inductor" else args.compile_mode
+        compile_config = CompileConfig(backend=args.compile_backend, mode=mode)
+    backend = getattr(retnet.config, "retention_backend", "torch")
+    fla_note = fla_backend_unavailable(args.device, run["dtype"]) if backend != "torch" else None
     settings = (
-        f"settings: size {args.size}, {args.dtype}, contexts {args.contexts}, batch sizes {args.batch_sizes}, "
-        f"{args.new_tokens} new tokens, {args.repeats} round(s), paths {args.paths}"
+        f"settings: size {args.size}, {args.dtype}, device {args.device}, contexts {args.contexts}, batch sizes "
+        f"{args.batch_sizes}, {args.new_tokens} new tokens, {args.repeats} round(s), paths {args.paths}, RetNet "
+        f"retention_backend {backend}" + (f" (runs torch: {fla_note})" if fla_note else "")
     )
-    print(run["header"], describe_models(retnet, llama), settings, sep="\n", flush=True)
+    if compile_config is not None:
+        settings += f", compiled path: backend {compile_config.backend}, mode {compile_config.mode}"
+    preamble = [run["header"], describe_models(retnet, llama), settings]
+    print(*preamble, sep="\n", flush=True)
     rows = decode_benchmark(
         retnet,
         llama,
@@ -518,6 +649,8 @@ def main(argv=None) -> int:
         args.paths,
         seed=args.seed,
         log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
+        compile_config=compile_config,
+        progress=lambda rows: save_partial(args.out, "decode", preamble, rows, COLUMNS),
     )
     table = format_table(rows, COLUMNS)
     summary = "\n".join(f"- {line}" for line in decode_summary(rows))
@@ -526,12 +659,12 @@ def main(argv=None) -> int:
         f"sees them), the median over {args.repeats} round(s), each of which timed every (model, path) of the "
         "context and batch once, side by side; x Llama tokens/s: RetNet's tokens/s over Llama's, the median over "
         "rounds of the ratio within a round (same path); x step time: generate()'s per-step time over the step "
-        "loop's, the same way; tokens/s = batch / step time; ideal: batch * read bandwidth / (non-embedding "
+        "loop's, the same way; compiled: generate() through transformers' compile path (yes: it compiled the "
+        "one-token steps; no: it ran them eager); tokens/s = batch / step time; ideal: batch * read bandwidth / (non-embedding "
         "weight bytes + RetNet's state read and written or Llama's KV cache read and one token's written), read "
         "bandwidth the best of mv, [1,k]x[k,n] and sum; % sum ceiling: the same with the x.sum() bandwidth; "
         f"decode MB: cache + peak increase during an untimed step loop ({PeakMemory(args.device).method})."
     )
-    preamble = [run["header"], describe_models(retnet, llama), settings]
     png = plot_decode(rows, f"{args.out}/decode.png", f"Decode, RetNet vs Llama ({args.size}, {args.dtype})")
     publish(args.out, "decode", preamble, [table, note, summary], rows, png)
     return 0

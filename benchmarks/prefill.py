@@ -1,6 +1,13 @@
 """Prefill and training benchmark: time and peak memory of forward (no_grad) and forward+backward against the
 sequence length, for RetNet's parallel and chunkwise forms and a same-size Llama with SDPA, in one run.
 
+On a GPU (--device cuda, --dtype bfloat16) three more variants can be asked for with --variants: "RetNet chunkwise
+(fla)" (the same model with retention_backend="fla": flash-linear-attention's Triton kernels; the two plain RetNet
+variants run retention_backend="torch"), "Llama FlashAttention-2" (the same Llama with
+attn_implementation="flash_attention_2", where the flash-attn package is installed) and "fla RetNet"
+(flash-linear-attention's own RetNetForCausalLM of the same size). One that cannot run here is a row that says why,
+and so is one that fails. Peak memory there is CUDA's max_memory_allocated, and the timings synchronize the device.
+
 This script prints the machine, the models, a markdown
 table and where chunkwise overtakes parallel, and saves prefill.png, prefill.md and prefill.json into --out.
 Points that would not fit in memory (the parallel form's [T, T] matrices) are skipped and say so. Per length and
@@ -26,7 +33,7 @@ import functools
 import os
 import statistics
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -41,6 +48,10 @@ from .common import (
     available_memory_bytes,
     build_models,
     describe_models,
+    error_summary,
+    fla_backend_unavailable,
+    fla_retnet,
+    flash_attention_2_llama,
     format_table,
     interleaved_timings,
     log_axes,
@@ -51,13 +62,25 @@ from .common import (
     publish,
     pyplot,
     release_freed_memory,
+    retention_backend,
     save_figure,
+    save_partial,
     size_config,
     timed,
 )
 
 
-PREFILL_VARIANTS = ("RetNet parallel", "RetNet chunkwise", "Llama SDPA")
+PREFILL_VARIANTS = ("RetNet parallel", "RetNet chunkwise", "Llama SDPA")  # the default variants
+# opt-in (--variants), for a GPU: RetNet with fla's kernels, Llama with FlashAttention-2, fla's own RetNet
+FLA_CHUNKWISE, LLAMA_FLASH_ATTENTION_2, FLA_RETNET = "RetNet chunkwise (fla)", "Llama FlashAttention-2", "fla RetNet"
+OPTIONAL_VARIANTS = (FLA_CHUNKWISE, LLAMA_FLASH_ATTENTION_2, FLA_RETNET)
+ALL_VARIANTS = PREFILL_VARIANTS + OPTIONAL_VARIANTS
+# variant -> (retention form, retention backend) of our RetNet
+RETNET_VARIANTS = {
+    "RetNet parallel": ("parallel", "torch"),
+    "RetNet chunkwise": ("chunkwise", "torch"),
+    FLA_CHUNKWISE: ("chunkwise", "fla"),
+}
 
 
 def estimate_prefill_bytes(
@@ -75,7 +98,7 @@ def estimate_prefill_bytes(
     kept_layers = 1 if gradient_checkpointing or not backward else layers
     activations = batch * length * width * element * (28 * kept_layers + (layers if gradient_checkpointing else 0))
     total = logits + activations + (parameter_count(model) * 4 * 2 if backward else 0)
-    if variant.startswith("RetNet"):
+    if variant in RETNET_VARIANTS:
         heads = config.decoder_retention_heads
         span = length if variant == "RetNet parallel" else min(length, config.recurrent_chunk_size)
         total += batch * heads * length * span * 4 * 4 * kept_layers
@@ -94,64 +117,94 @@ def prefill_benchmark(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     log: Callable[[str], None] = lambda message: None,
+    others: Optional[Mapping[str, Union[nn.Module, str]]] = None,
+    progress: Callable[[List[dict]], None] = lambda rows: None,
 ) -> List[dict]:
     """Time and peak memory of a forward pass (`torch.no_grad()`, `use_cache=True`, logits of the last token only:
     a prefill) and of forward+backward (labels = inputs, full logits, `loss.backward()`, no cache: a training
     step without the optimiser; with `gradient_checkpointing`, both models recompute each layer in the backward
     pass) against the sequence length, for RetNet's parallel and chunkwise forms
-    (`retention_form=`) and Llama with SDPA.
+    (`retention_form=`, with `retention_backend="torch"`) and Llama with SDPA; and, where asked for in
+    `variants`, RetNet's chunkwise form with `retention_backend="fla"` and the models of `others`: "Llama
+    FlashAttention-2" and "fla RetNet", each a model or a sentence saying why it is not there. A variant that
+    cannot run on this device, or raises, gives rows that say why (`skipped`), and the others go on; so does a
+    point that runs out of CUDA memory.
 
     After one warm-up of every variant and mode at the shortest length, per length and mode: each variant runs
     once inside `PeakMemory` (`peak MB`: tensor bytes, `RSS MB`: the sampled resident set, both over the start;
     that run is untimed, since the profiler and the sampler disturb timings), then the variants are timed side by
     side in `rounds` rounds (`interleaved_timings`: each round runs every variant once, in a rotating order), so
     that the figures of one round were taken moments apart on a machine whose speed drifts. `seconds` is the
-    median over rounds (`seconds by round`: each round's); `x Llama time` (RetNet's rows, where Llama SDPA ran
-    too) is the median over rounds of the variant's seconds over Llama SDPA's in the same round
-    (`paired_median_ratio`; below 1: RetNet is faster).
+    median over rounds (`seconds by round`: each round's); `x Llama time` (every variant's rows but Llama
+    SDPA's, where it ran too) is the median over rounds of the variant's seconds over Llama SDPA's in the same
+    round (`paired_median_ratio`; below 1: the variant is faster).
     A point is skipped when its predicted peak exceeds `memory_fraction` of the available memory: predicted from
     the peak measured at the previous length of the same variant and mode, scaled with the length (squared for
     the parallel form) and by 1.3 for safety, or at the first length by `estimate_prefill_bytes`; one variant runs
     at a time, so that peak is all that is alive. (There is no swap on these machines: running out of memory
-    would kill this process, or a neighbour's.) One row per variant, length and mode."""
+    would kill this process, or a neighbour's.) One row per variant, length and mode; `progress` gets the rows so
+    far after each length."""
     device = next(retnet.parameters()).device
+    dtype = next(retnet.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
-    models = {
-        "RetNet parallel": (retnet, "parallel"),
-        "RetNet chunkwise": (retnet, "chunkwise"),
-        "Llama SDPA": (llama, None),
-    }
+    models = {variant: (retnet, form, backend) for variant, (form, backend) in RETNET_VARIANTS.items()}
+    models["Llama SDPA"] = (llama, None, None)
+    unavailable = {}  # variant -> why it has no figures
+    if FLA_CHUNKWISE in variants:
+        reason = fla_backend_unavailable(device, dtype)
+        if reason:
+            unavailable[FLA_CHUNKWISE] = reason
+    for variant in OPTIONAL_VARIANTS[1:]:
+        if variant in variants:
+            other = (others or {}).get(variant, "not built")
+            if isinstance(other, str):
+                unavailable[variant] = other
+            else:
+                models[variant] = (other, None, None)
     rows = []
 
-    def run(model, form, ids, mode):
+    def run(model, form, backend, ids, mode):
         extra = {} if form is None else {"retention_form": form}
-        if mode == "forward":
-            with torch.no_grad():
-                model(ids, use_cache=True, logits_to_keep=1, **extra)
-        else:  # a training step (both models have dropout 0, so train mode changes nothing but checkpointing)
-            model.train()
-            model.zero_grad(set_to_none=True)
-            try:
-                model(ids, labels=ids, use_cache=False, **extra).loss.backward()
-            finally:
+        with retention_backend(model, backend):
+            if mode == "forward":
+                with torch.no_grad():
+                    model(ids, use_cache=True, logits_to_keep=1, **extra)
+            else:  # a training step (both models have dropout 0, so train mode changes nothing but checkpointing)
+                model.train()
                 model.zero_grad(set_to_none=True)
-                model.eval()
+                try:
+                    model(ids, labels=ids, use_cache=False, **extra).loss.backward()
+                finally:
+                    model.zero_grad(set_to_none=True)
+                    model.eval()
+
+    def failed(variant, error) -> None:
+        unavailable[variant] = f"failed: {error_summary(error)}"
+        log(f"prefill: {variant} {unavailable[variant]}")
 
     if gradient_checkpointing:
-        for model in (retnet, llama):
-            enable_activation_checkpointing(model)
+        for variant in variants:
+            if variant in models and variant not in unavailable:
+                enable_activation_checkpointing(models[variant][0])
     shortest = min(lengths)
     measured_peaks = {}
     for mode in modes:
         for variant in variants:  # warm-up
-            model, form = models[variant]
-            run(model, form, torch.zeros(batch_size, shortest, dtype=torch.long, device=device), mode)
+            if variant in unavailable:
+                continue
+            try:
+                run(*models[variant], torch.zeros(batch_size, shortest, dtype=torch.long, device=device), mode)
+            except Exception as error:  # one variant that cannot run here must not cost the others their figures
+                failed(variant, error)
     for length in sorted(lengths):
         ids = torch.randint(0, retnet.config.vocab_size, (batch_size, length), generator=generator).to(device)
         for mode in modes:
             skipped, peaks = {}, {}
             for variant in variants:
-                model, form = models[variant]
+                if variant in unavailable:
+                    skipped[variant] = unavailable[variant]
+                    continue
+                model = models[variant][0]
                 previous = measured_peaks.get((variant, mode))
                 if previous is None:
                     needed = estimate_prefill_bytes(
@@ -167,8 +220,19 @@ def prefill_benchmark(
                 # memory in a run of its own (the profiler and the sampling thread disturb timings), which is also
                 # this point's warm-up
                 log(f"prefill: {variant} {mode} {length} tokens, memory")
-                with PeakMemory(device) as peaks[variant]:
-                    run(model, form, ids, mode)
+                try:
+                    with PeakMemory(device) as peaks[variant]:
+                        run(*models[variant], ids, mode)
+                except torch.cuda.OutOfMemoryError:
+                    del peaks[variant]
+                    torch.cuda.empty_cache()
+                    skipped[variant] = "out of CUDA memory"
+                    continue
+                except Exception as error:
+                    del peaks[variant]
+                    failed(variant, error)
+                    skipped[variant] = unavailable[variant]
+                    continue
                 measured_peaks[(variant, mode)] = (length, peaks[variant].peak_bytes)
             if peaks:
                 log(f"prefill: {', '.join(peaks)} {mode} {length} tokens, {rounds} rounds")
@@ -186,7 +250,7 @@ def prefill_benchmark(
                     continue
                 median = statistics.median(seconds[variant])
                 versus_llama = None
-                if variant.startswith("RetNet") and "Llama SDPA" in seconds:
+                if variant != "Llama SDPA" and "Llama SDPA" in seconds:
                     versus_llama = paired_median_ratio(seconds[variant], seconds["Llama SDPA"])
                 rss_bytes = peaks[variant].rss_peak_bytes
                 rows.append(
@@ -202,6 +266,7 @@ def prefill_benchmark(
                     }
                 )
         release_freed_memory()
+        progress(rows)
     return rows
 
 
@@ -253,7 +318,7 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
                 lines.append(f"{mode}: no length above one chunk ({chunk_size}) where both forms ran")
             if len(measured) < len(parallel):
                 lines.append(f"{mode}: parallel form skipped (memory) above {measured[-1] if measured else 0} tokens")
-        for variant in PREFILL_VARIANTS[:2]:
+        for variant in [v for v in ALL_VARIANTS if v != "Llama SDPA"]:
             paired = sorted(
                 (row["length"], row["x Llama time"])
                 for row in rows
@@ -269,12 +334,13 @@ def prefill_summary(rows: List[dict], chunk_size: int = 0) -> List[str]:
             for row in rows
             if row["mode"] == mode and row["length"] == lengths[-1] and not row.get("skipped")
         }
-        if "RetNet chunkwise" in peak and "Llama SDPA" in peak:
-            ratio = peak["RetNet chunkwise"] / peak["Llama SDPA"]
-            lines.append(
-                f"{mode} at {lengths[-1]} tokens: peak tensor memory RetNet chunkwise "
-                f"{peak['RetNet chunkwise']:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)"
-            )
+        for variant in [v for v in ALL_VARIANTS if v not in ("Llama SDPA", "RetNet parallel")]:
+            if variant in peak and peak.get("Llama SDPA"):
+                ratio = peak[variant] / peak["Llama SDPA"]
+                lines.append(
+                    f"{mode} at {lengths[-1]} tokens: peak tensor memory {variant} "
+                    f"{peak[variant]:.0f} MB vs Llama SDPA {peak['Llama SDPA']:.0f} MB ({ratio:.2f}x)"
+                )
     return lines
 
 
@@ -283,9 +349,9 @@ def plot_prefill(rows: List[dict], path: str, title: str = "") -> str:
     plt = pyplot()
     modes = sorted({row["mode"] for row in rows}, key=len)
     figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
-    colours = dict(zip(PREFILL_VARIANTS, ("tab:orange", "tab:blue", "tab:red")))
+    colours = dict(zip(ALL_VARIANTS, ("tab:orange", "tab:blue", "tab:red", "tab:cyan", "tab:pink", "tab:green")))
     for column, mode in enumerate(modes):
-        for variant in PREFILL_VARIANTS:
+        for variant in ALL_VARIANTS:
             points = sorted(
                 (row["length"], row["seconds"], row["peak MB"])
                 for row in rows
@@ -313,7 +379,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="default 1")
     parser.add_argument("--modes", default="forward,forward+backward", help="default 'forward,forward+backward'")
     parser.add_argument(
-        "--variants", default=",".join(PREFILL_VARIANTS), help=f"default '{','.join(PREFILL_VARIANTS)}'"
+        "--variants",
+        default=",".join(PREFILL_VARIANTS),
+        help=f"comma-separated, from {', '.join(ALL_VARIANTS)}; default '{','.join(PREFILL_VARIANTS)}'",
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="RetNet chunk size (default: the config's, 512)")
     parser.add_argument(
@@ -343,9 +411,9 @@ def parse_args(argv=None):
     args.lengths = args.lengths or ([32, 128] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
     args.modes = args.modes.replace(" ", "").split(",")
     args.variants = [variant.strip() for variant in args.variants.split(",")]
-    unknown = [variant for variant in args.variants if variant not in PREFILL_VARIANTS]
+    unknown = [variant for variant in args.variants if variant not in ALL_VARIANTS]
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(PREFILL_VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(ALL_VARIANTS)}")
     return args
 
 
@@ -355,14 +423,29 @@ def main(argv=None) -> int:
     overrides = {} if args.chunk_size is None else {"recurrent_chunk_size": args.chunk_size}
     retnet_config = size_config(args.size, **overrides)
     retnet, llama = build_models(retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
+    builders = {LLAMA_FLASH_ATTENTION_2: flash_attention_2_llama, FLA_RETNET: fla_retnet}
+    others = {
+        variant: builders[variant](retnet_config, dtype=run["dtype"], device=args.device, seed=args.seed)
+        for variant in builders
+        if variant in args.variants
+    }
+    models_text = describe_models(retnet, llama)
+    for variant, other in others.items():
+        models_text += f"\n{variant}: " + (
+            f"not run: {other}"
+            if isinstance(other, str)
+            else f"{parameter_count(other):,} parameters ({100 * (parameter_count(other) / parameter_count(retnet) - 1):+.2f}%)"
+        )
     settings = (
-        f"settings: size {args.size}, {args.dtype}, lengths {args.lengths}, batch {args.batch_size}, "
+        f"settings: size {args.size}, {args.dtype}, device {args.device}, variants {args.variants}, "
+        f"lengths {args.lengths}, batch {args.batch_size}, "
         f"modes {args.modes}, {args.repeats} round(s), gradient checkpointing {args.gradient_checkpointing}, "
         f"memory fraction {args.memory_fraction}"
     )
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc: fixed threshold, large blocks go back to the system
         settings += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
-    print(run["header"], describe_models(retnet, llama), settings, sep="\n", flush=True)
+    preamble = [run["header"], models_text, settings]
+    print(*preamble, sep="\n", flush=True)
     rows = prefill_benchmark(
         retnet,
         llama,
@@ -375,6 +458,8 @@ def main(argv=None) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         memory_fraction=args.memory_fraction,
         log=lambda message: print(f"  ... {message}", file=sys.stderr, flush=True),
+        others=others,
+        progress=lambda rows: save_partial(args.out, "prefill", preamble, rows, COLUMNS),
     )
     table = format_table(rows, COLUMNS)
     chunk = retnet_config.recurrent_chunk_size
@@ -382,13 +467,12 @@ def main(argv=None) -> int:
     note = (
         "forward: no_grad, use_cache=True, last-token logits (a prefill); forward+backward: labels = inputs, "
         f"full logits, loss.backward(). seconds: the median over {args.repeats} round(s), each of which timed "
-        "every variant of the length and mode once, side by side; x Llama time: the RetNet variant's seconds over "
-        "Llama SDPA's, the median over rounds of the ratio within a round (below 1: RetNet is faster). peak MB: "
+        "every variant of the length and mode once, side by side; x Llama time: the variant's seconds over "
+        "Llama SDPA's, the median over rounds of the ratio within a round (below 1: the variant is faster). peak MB: "
         f"{PeakMemory(args.device).method} (increase over the start) in an untimed run before the rounds; "
         "RSS MB (CPU): sampled resident-set increase in that run, which also counts memory malloc keeps after a "
         "free."
     )
-    preamble = [run["header"], describe_models(retnet, llama), settings]
     png = plot_prefill(rows, f"{args.out}/prefill.png", f"Prefill and training ({args.size}, {args.dtype})")
     publish(args.out, "prefill", preamble, [table, note, summary], rows, png)
     return 0

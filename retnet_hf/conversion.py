@@ -482,6 +482,29 @@ def _fla_model_fields(fields: Dict) -> Dict:
     )
 
 
+def fla_config_fields(config: RetNetConfig) -> Dict:
+    """flash-linear-attention's `RetNetConfig` fields for a model of our `config`'s size (the inverse of
+    `_fla_model_fields`, for the benchmarks' fla RetNet): the same width, value width, MLP width, depth, heads,
+    vocabulary, norm epsilon, embedding tying and group-norm weight, and fla's own defaults for the rest (its fused
+    norm, SwiGLU and cross-entropy kernels), so that its parameter count equals ours."""
+    return dict(
+        hidden_size=config.decoder_embed_dim,
+        expand_k=1.0,
+        expand_v=config.decoder_value_embed_dim / config.decoder_embed_dim,
+        intermediate_size=config.decoder_ffn_embed_dim,
+        num_hidden_layers=config.decoder_layers,
+        num_heads=config.decoder_retention_heads,
+        hidden_act="swish",
+        norm_eps=config.layernorm_eps,
+        elementwise_affine=config.group_norm_affine,
+        tie_word_embeddings=config.share_decoder_input_output_embed,
+        vocab_size=config.vocab_size,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
 def _plan_fla(src: Path, config_fields: Dict) -> _Plan:
     fields = _fla_fields(src, config_fields)
     model_fields = _fla_model_fields(fields)

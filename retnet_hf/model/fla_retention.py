@@ -54,10 +54,10 @@ def fla_unavailable(hidden_states: torch.Tensor, form: str, stateful: bool) -> O
     form: `"parallel"`, `"chunkwise"` or `"recurrent"`.
     stateful: whether a state goes in or comes out (fla's parallel kernel carries none).
     """
-    if fla_kernels() is None:
-        return "flash-linear-attention is not installed (pip install flash-linear-attention)"
     if not hidden_states.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the model is on {hidden_states.device.type}, and fla's Triton kernels need a CUDA device"
+    if fla_kernels() is None:  # (imported only now: fla's import takes seconds)
+        return "flash-linear-attention is not installed (pip install flash-linear-attention)"
     if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"fla's kernels take float32, float16 or bfloat16, and the model is in {hidden_states.dtype}"
     if form == "parallel" and stateful:

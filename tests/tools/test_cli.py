@@ -157,11 +157,11 @@ def test_demo_runs_on_a_small_budget(tmp_path, text_file, capsys):
     "argv, message",
     [
         (["generate", "/no/such/folder"], "not a model folder"),
-        (["train", "/no/such/file.txt", "--output", "/tmp/x"], "no such file"),
+        (["train", "/no/such/file.txt", "--output", "{tmp_path}/run"], "no such file"),
     ],
 )
-def test_bad_paths_give_a_message_and_nonzero_exit(argv, message, capsys):
-    assert main(argv) != 0
+def test_bad_paths_give_a_message_and_nonzero_exit(argv, message, capsys, tmp_path):
+    assert main([arg.format(tmp_path=tmp_path) for arg in argv]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 import retnet_hf.conversion as conversion
 from retnet_hf.cli import main
 from retnet_hf.conversion import ConversionError, convert_checkpoint, from_torchscale_key
+from retnet_hf.presets import preset_config
 
 from conftest import (
     REPO_ROOT,
@@ -533,6 +534,24 @@ def test_fla_model_saved_by_fla_converts_to_its_logits_and_greedy_tokens(tmp_pat
     step through both caches, and its greedy tokens from a loop over its cache. fla's Triton kernels run in
     Triton's interpreter, in a child process (tests/tools/fla_conversion_cases.py)."""
     run_interpreted(Path(__file__).with_name("fla_conversion_cases.py"), tmp_path)
+
+
+def test_fla_config_fields_map_back_to_our_size():
+    """fla's config fields for our 125m size (the benchmarks' fla RetNet) map back to its widths."""
+    config = preset_config("125m", 32000)
+    ours = conversion._fla_model_fields(conversion.fla_config_fields(config))
+    for field in (
+        "vocab_size",
+        "decoder_embed_dim",
+        "decoder_value_embed_dim",
+        "decoder_ffn_embed_dim",
+        "decoder_layers",
+        "decoder_retention_heads",
+        "layernorm_eps",
+        "share_decoder_input_output_embed",
+        "group_norm_affine",
+    ):
+        assert ours[field] == getattr(config, field), field
 
 
 def test_fla_unsupported_features_are_refused(tmp_path):

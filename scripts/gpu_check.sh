@@ -138,8 +138,8 @@ step_decode() {
 step_vllm() {
     local supported
     supported=$(sed -n 's/^SUPPORTED_VLLM = (\(.*\))$/\1/p' retnet_hf/vllm_plugin/__init__.py | tr -d '", ')
-    echo "vLLM: the issue asked for vLLM 0.34; the plugin supports $supported.x only (SUPPORTED_VLLM) and refuses"
-    echo "other releases by name, so $VLLM_PACKAGE is what runs here."
+    echo "vLLM: the plugin supports $supported.x only (SUPPORTED_VLLM) and refuses other releases by name (0.33 and"
+    echo "later run only vLLM's V2 model runner, not yet checked), so $VLLM_PACKAGE is what runs here."
     if [ "$DRY_RUN" = 1 ]; then  # (pytest would import vLLM, which is not here: the tests' names instead)
         echo "dry run: would install $VLLM_PACKAGE -e .[vllm,train,dev] into $GPU_CHECK_VLLM_VENV and run:"
         "$PY" -c 'import ast, sys
@@ -236,7 +236,7 @@ write_summary() {
             echo "| $name | $status | $seconds | $limit | $name.log |"
         done <"$RES/.steps"
         echo
-        echo "vLLM: the issue asked for 0.34; the plugin supports 0.32 only (SUPPORTED_VLLM), so step 5 runs $VLLM_PACKAGE."
+        echo "vLLM: the plugin supports 0.32 only (SUPPORTED_VLLM; 0.33+ run only the V2 model runner), so step 5 runs $VLLM_PACKAGE."
         for part in env.md checks/gpu_check.md train/prefill.md decode/decode.md; do
             [ -f "$RES/$part" ] && { echo; echo "## $part"; echo; sed 's/^# /### /' "$RES/$part"; }
         done

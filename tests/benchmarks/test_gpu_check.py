@@ -75,7 +75,7 @@ def test_dry_run_passes_every_step_and_writes_each_result(dry_run):
     for part in ("env.md", "checks/gpu_check.md", "train/prefill.md", "decode/decode.md"):
         assert f"## {part}" in summary
     vllm = (dry_run / "vllm.log").read_text()
-    assert "the issue asked for vLLM 0.34; the plugin supports 0.32.x only" in vllm
+    assert "the plugin supports 0.32.x only (SUPPORTED_VLLM)" in vllm
     assert "tests/vllm_plugin/test_vllm.py: " in vllm
 
 

@@ -25,7 +25,6 @@ mapping:
 fla is imported when first needed, never at import time: the model files run without it.
 """
 
-import functools
 import os
 from typing import Callable, Optional, Tuple
 
@@ -37,14 +36,19 @@ from .retention import RetentionState
 SCALE_WIDTH = 16  # the width of the scale call's one-hot q, k, v
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTED = []  # fla's simple-GLA module (or None) once `fla_kernels` has tried the import
+
+
 def fla_kernels():
-    """fla's `fla.ops.simple_gla` module, or None when flash-linear-attention does not import."""
-    try:
-        from fla.ops import simple_gla
-    except ImportError:
-        return None
-    return simple_gla
+    """fla's `fla.ops.simple_gla` module, or None when flash-linear-attention does not import. (Remembered in a
+    list, not with functools.lru_cache, which torch.compile warns of when it traces the model.)"""
+    if not _IMPORTED:
+        try:
+            from fla.ops import simple_gla
+        except ImportError:
+            simple_gla = None
+        _IMPORTED.append(simple_gla)
+    return _IMPORTED[0]
 
 
 def fla_unavailable(hidden_states: torch.Tensor, form: str, stateful: bool) -> Optional[str]:

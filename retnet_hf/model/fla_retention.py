@@ -18,9 +18,10 @@ mapping:
 - documents (``resets``): the rows are laid end to end as one sequence cut at every row start and reset, fla's
   ``cu_seqlens``; each row's first document starts from the row's incoming state, the others from zero;
 - the scale ``scale_n = sum_{m <= n} gamma^(n-m) w_m + gamma^(n+1) scale_0``, which normalises the outputs and
-  the state: a second call of the same kernel in float32 with ``q = e_0``, ``k = w e_0``, ``v = e_0`` and the state
+  the state: a first call of the same kernel in float32 with ``q = e_0``, ``k = w e_0``, ``v = e_0`` and the state
   ``scale_0 e_0 e_0^T`` (one-hot vectors of 16 elements, the smallest operands of Triton's matrix products on a
-  GPU).
+  GPU). The outputs are normalised through the queries, ``o_n = (q_n / sqrt(max(scale_n, 1))) S'_n``, so that
+  the kernel's half-precision outputs are the normalised ones, not sums of up to ``1 / (1 - gamma)`` terms.
 
 fla is imported when first needed, never at import time: the model files run without it.
 """
@@ -132,18 +133,16 @@ def _retention(
             states = tuple(x.new_zeros(documents, *x.shape[1:]).index_copy(0, first, x * carried) for x in states)
 
     common = dict(g_gamma=log_decay.float(), scale=1.0, cu_seqlens=cu_seqlens)
-    need_scale = normalize or output_final_state
-    out, s_final = kernel(
-        q, k, v, initial_state=None if states is None else states[0], output_final_state=output_final_state, **common
-    )
-    if need_scale:
+    if normalize or output_final_state:
         running, scale_final = kernel(
             *unit, initial_state=None if states is None else states[1], output_final_state=output_final_state, **common
         )
-        running = running[..., 0].view(batch, length, heads).transpose(1, 2)  # [B, H, T]
+    if normalize:  # o_n / sqrt(max(scale_n, 1)) = (q_n / sqrt(max(scale_n, 1))) S'_n: float16 outputs stay in range
+        q = (q * running[..., :1].clamp(min=1).rsqrt()).to(v.dtype)
+    out, s_final = kernel(
+        q, k, v, initial_state=None if states is None else states[0], output_final_state=output_final_state, **common
+    )
     out = out.view(batch, length, heads, dv).transpose(1, 2)  # [B, H, T, Dv]
-    if normalize:
-        out = out / running.clamp(min=1).sqrt()[..., None]
     if not output_final_state:
         return out, None
     scale_final = scale_final[..., 0, 0]

@@ -111,6 +111,21 @@ def test_form_forward_and_backward_equal_torch(dtype, form, name, normalize):
         assert relative_difference(grad.double(), ref) < tolerance * 2
 
 
+@pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
+def test_float16_normalised_outputs_do_not_overflow(form):
+    """Unnormalised, these outputs are sums of about 40 terms of 2,000 (80,000 > float16's 65,504); fla computes
+    the normalised ones directly (queries divided by sqrt(scale_n)), which are in range."""
+    length = 64
+    q = torch.zeros(1, H, length, DK)
+    q[..., 0] = 20**0.5
+    k, v = q.clone(), torch.full((1, H, length, DV), 100.0)
+    out, _ = FLA_RETENTION_FUNCTIONS[form](*(x.half() for x in (q, k, v)), log_decay=LOG_DECAY)
+    ref, _ = RETENTION_FUNCTIONS["recurrent"](q.double(), k.double(), v.double(), log_decay=LOG_DECAY, normalize=False)
+    assert ref.abs().max() > 65504  # what an unnormalised float16 output would have overflowed
+    ref, _ = RETENTION_FUNCTIONS["recurrent"](q.double(), k.double(), v.double(), log_decay=LOG_DECAY)
+    assert torch.isfinite(out).all() and relative_difference(out.double(), ref) < TOLERANCE[torch.float16]
+
+
 def test_one_token_steps_carry_the_state_as_torch_does():
     """Decoding: token by token through the recurrent kernel, each step's state the next step's input."""
     q, k, v = inputs(torch.float32)

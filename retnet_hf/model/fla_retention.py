@@ -1,12 +1,13 @@
 """Retention computed by flash-linear-attention's Triton kernels (`pip install flash-linear-attention`): the
 `"fla"` backend (`RetNetConfig.retention_backend`).
 
-Each function here has the signature and result of its form in `retention.py`, which stays the reference, and
-computes the same thing with fla's simple-GLA kernels, whose decay is our per-head ``log_decay`` (``g_gamma``)::
+`FLA_RETENTION_FUNCTIONS` holds the three forms with the signature and result of `retention.py`'s, which stays
+the reference: `fla_retention` with one of fla's simple-GLA kernels, whose decay is our per-head ``log_decay``
+(``g_gamma``)::
 
-    fla_chunkwise_retention   chunk_simple_gla            prompts and training
-    fla_recurrent_retention   fused_recurrent_simple_gla  one-token steps
-    fla_parallel_retention    parallel_simple_gla         no state in or out (training)
+    chunkwise   chunk_simple_gla            prompts and training
+    recurrent   fused_recurrent_simple_gla  one-token steps
+    parallel    parallel_simple_gla         no state in or out (training)
 
 fla computes the unnormalised form, ``o_n = sum_{m <= n} gamma^(n-m) (q_n . k_m) v_m + gamma^(n+1) q_n S'_0``, with
 ``S'`` the unnormalised state (our ``S sqrt(max(scale, 1))``), on ``[B, T, H, D]`` tensors, in the values' dtype
@@ -27,6 +28,7 @@ fla is imported when first needed, never at import time: the model files run wit
 """
 
 import os
+from functools import partial
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -104,7 +106,6 @@ def _retention(
     output_final_state=, cu_seqlens=)``) on `retention.py`'s inputs and outputs."""
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
-    weight = torch.ones(batch, length, device=q.device) if valid is None else valid.float()
     if valid is not None:
         k = k * valid[:, None, :, None].to(k.dtype)
     # in the values' dtype, the model's: q and k come rotated in float32 at least
@@ -112,7 +113,7 @@ def _retention(
     one_hot = torch.zeros(SCALE_WIDTH, device=q.device)
     one_hot[0] = 1.0
     ones = one_hot.expand(batch, length, heads, SCALE_WIDTH)
-    unit = (ones, weight[:, :, None, None] * ones, ones)  # the scale call's q, k, v
+    unit = (ones, ones if valid is None else valid.float()[:, :, None, None] * ones, ones)  # the scale call's q, k, v
 
     if initial_state is None:
         states = None
@@ -158,11 +159,12 @@ def _parallel_kernel(q, k, v, *, g_gamma, scale, initial_state, output_final_sta
     return fla_kernels().parallel_simple_gla(q, k, v, g=gates, scale=scale, cu_seqlens=cu_seqlens)[0], None
 
 
-def fla_parallel_retention(
+def fla_retention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    kernel: str,
     log_decay: torch.Tensor,
     initial_state: Optional[RetentionState] = None,
     output_final_state: bool = True,
@@ -170,47 +172,15 @@ def fla_parallel_retention(
     resets: Optional[torch.Tensor] = None,
     normalize: bool = True,
 ) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-    """`parallel_retention` by fla's `parallel_simple_gla`; no state in or out (`fla_unavailable` says so)."""
-    return _retention(_parallel_kernel, q, k, v, log_decay, initial_state, output_final_state, valid, resets, normalize)
+    """Retention by fla's `<kernel>_simple_gla`, with `retention.py`'s arguments and result. `kernel`: `"chunk"`,
+    `"fused_recurrent"` or `"parallel"` (no state in or out: `fla_unavailable` keeps such calls from it)."""
+    call = _parallel_kernel if kernel == "parallel" else getattr(fla_kernels(), f"{kernel}_simple_gla")
+    return _retention(call, q, k, v, log_decay, initial_state, output_final_state, valid, resets, normalize)
 
 
-def fla_chunkwise_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    log_decay: torch.Tensor,
-    initial_state: Optional[RetentionState] = None,
-    output_final_state: bool = True,
-    valid: Optional[torch.Tensor] = None,
-    resets: Optional[torch.Tensor] = None,
-    normalize: bool = True,
-) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-    """`chunkwise_retention` by fla's `chunk_simple_gla` (fla's chunk of 64 tokens)."""
-    kernel = fla_kernels().chunk_simple_gla
-    return _retention(kernel, q, k, v, log_decay, initial_state, output_final_state, valid, resets, normalize)
-
-
-def fla_recurrent_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    log_decay: torch.Tensor,
-    initial_state: Optional[RetentionState] = None,
-    output_final_state: bool = True,
-    valid: Optional[torch.Tensor] = None,
-    resets: Optional[torch.Tensor] = None,
-    normalize: bool = True,
-) -> Tuple[torch.Tensor, Optional[RetentionState]]:
-    """`recurrent_retention` by fla's `fused_recurrent_simple_gla`: the decoding step."""
-    kernel = fla_kernels().fused_recurrent_simple_gla
-    return _retention(kernel, q, k, v, log_decay, initial_state, output_final_state, valid, resets, normalize)
-
-
-# The forms by name, as `retention.RETENTION_FUNCTIONS`.
+# The forms by name, as `retention.RETENTION_FUNCTIONS`, each with `retention.py`'s signature.
 FLA_RETENTION_FUNCTIONS = {
-    "parallel": fla_parallel_retention,
-    "chunkwise": fla_chunkwise_retention,
-    "recurrent": fla_recurrent_retention,
+    "parallel": partial(fla_retention, kernel="parallel"),
+    "chunkwise": partial(fla_retention, kernel="chunk"),  # fla's chunk of 64 tokens
+    "recurrent": partial(fla_retention, kernel="fused_recurrent"),  # the decoding step
 }

@@ -123,17 +123,17 @@ def check_parity(fields):
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["untied", "shared"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("layernorm_embedding", [False, True], ids=["no-lnemb", "lnemb"])
 @pytest.mark.parametrize("no_scale_embedding", [False, True], ids=["scaled", "unscaled"])
 @pytest.mark.parametrize("activation", ["swish", "gelu"])
-def test_logits_match_torchscale(activation, no_scale_embedding, layernorm_embedding, shared):
+def test_logits_match_torchscale(activation, no_scale_embedding, layernorm_embedding, tied):
     check_parity(
         dict(
             activation_fn=activation,
             no_scale_embedding=no_scale_embedding,
             layernorm_embedding=layernorm_embedding,
-            share_decoder_input_output_embed=shared,
+            share_decoder_input_output_embed=tied,
         )
     )
 
@@ -211,12 +211,12 @@ def test_zero_eps_matches_torchscale_parallel_exactly(monkeypatch):
     assert with_eps["parallel"] > 1e-8, with_eps
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["untied", "shared"])
-def test_greedy_generation_matches_torchscale_incremental_decoding(shared):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_greedy_generation_matches_torchscale_incremental_decoding(tied):
     # Tied to a large embedding, the model just repeats its last token; a small unscaled one lets it vary.
-    fields = dict(activation_fn="swish", no_scale_embedding=shared, share_decoder_input_output_embed=shared)
+    fields = dict(activation_fn="swish", no_scale_embedding=tied, share_decoder_input_output_embed=tied)
     decoder = build_torchscale(seed=3, **fields)
-    if shared:
+    if tied:
         with torch.no_grad():
             decoder.embed_tokens.weight.mul_(0.02)
     model = build_ours(decoder, **fields)

@@ -302,7 +302,7 @@ def export_onnx(
         raise UsageError(f"quantize={quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists; choose a new output folder (an export never overwrites one)")
-    _read_retnet_config(folder)  # a RetNet folder, said before the exporters are looked for
+    _check_retnet_folder(folder)  # a RetNet folder, said before the exporters are looked for
     require("onnx", "onnx")
     require("onnxscript", "onnx")  # torch.onnx's dynamo exporter translates with it
     if check:
@@ -403,12 +403,12 @@ class _WithoutPreProcessingAdvice(logging.Filter):
         return "consider to run pre-processing before quantization" not in record.getMessage()
 
 
-def _read_retnet_config(folder: Path):
-    """The RetNetConfig of `folder`, or a UsageError that says why it cannot be exported."""
+def _check_retnet_folder(folder: Path) -> None:
+    """A UsageError that says why `folder` cannot be exported, unless its config.json is a valid RetNetConfig."""
     from .model import RetNetConfig
 
-    resolve_source(str(folder))  # a local path that is not there: "no such model folder"
-    path = require_model_folder(folder) / "config.json"
+    # resolve_source first: a local path that is not there is "no such model folder"
+    path = require_model_folder(resolve_source(folder)) / "config.json"
     try:
         fields = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -426,7 +426,7 @@ def _read_retnet_config(folder: Path):
             "unquantized model (for a QLoRA fine-tune: the merged model)"
         )
     try:
-        return RetNetConfig.from_pretrained(str(folder))
+        RetNetConfig.from_pretrained(str(folder))
     except Exception as error:
         raise UsageError(f"{folder}: invalid config.json: {error}") from error
 

@@ -19,7 +19,7 @@ rows (dicts) that the scripts print as tables.
   FlashAttention-2 and flash-linear-attention's own RetNet (`conversion.fla_config_fields`: its config fields for our size),
   each a model or a sentence saying why it cannot be built here.
 - `publish` writes a benchmark's table and rows at its end, `save_partial` the rows so far while it runs (a run
-  stopped by a time limit keeps them); `error_summary` is an exception in a table cell.
+  stopped by a time limit keeps them), both through `write_results`; `error_summary` is an exception in a table cell.
 - `interleaved_timings(measures, rounds)` and `paired_median_ratio`: timings taken side by side in rounds, and
   the median of their per-round ratio, so that a ratio compares figures taken moments apart (the shared machines
   these run on drift by 10% over seconds to minutes).
@@ -604,19 +604,26 @@ def prepare_run(args) -> dict:
     }
 
 
-def publish(
-    out: str, stem: str, preamble: List[str], body: List[str], rows: List[dict], png: Optional[str]
-) -> List[str]:
-    """Print `body` (table, notes), write `preamble` + `body` to `out/stem.md` and the rows to `out/stem.json`,
-    and say where they and the plot `png` (if any) went; returns the two paths."""
+def write_results(out: str, stem: str, preamble: List[str], body: List[str], rows) -> List[str]:
+    """Write `preamble` + `body` to `out/stem.md` and `rows` to `out/stem.json`, printing nothing; returns the two
+    paths."""
     import json
 
-    print("\n" + "\n\n".join(body))
     paths = [os.path.join(out, f"{stem}.md"), os.path.join(out, f"{stem}.json")]
     with open(paths[0], "w") as handle:
         handle.write("\n".join(preamble) + "\n\n" + "\n\n".join(body) + "\n")
     with open(paths[1], "w") as handle:
         json.dump(rows, handle, indent=1, default=str)
+    return paths
+
+
+def publish(
+    out: str, stem: str, preamble: List[str], body: List[str], rows: List[dict], png: Optional[str]
+) -> List[str]:
+    """Print `body` (table, notes), write `preamble` + `body` to `out/stem.md` and the rows to `out/stem.json`
+    (`write_results`), and say where they and the plot `png` (if any) went; returns the two paths."""
+    print("\n" + "\n\n".join(body))
+    paths = write_results(out, stem, preamble, body, rows)
     print(f"\nsaved {', '.join(([png] if png else []) + paths)}")
     return paths
 
@@ -624,13 +631,8 @@ def publish(
 def save_partial(out: str, stem: str, preamble: List[str], rows: List[dict], columns: Sequence[str]) -> None:
     """Write the rows measured so far to `out/stem.md` (said to be partial) and `out/stem.json`, printing nothing:
     a run stopped part-way (a time limit) keeps what it had measured; `publish` overwrites both at the end."""
-    import json
-
     note = "partial: the rows measured so far (the run had not finished when this was written)"
-    with open(os.path.join(out, f"{stem}.md"), "w") as handle:
-        handle.write("\n".join(preamble) + "\n\n" + format_table(rows, columns) + "\n\n" + note + "\n")
-    with open(os.path.join(out, f"{stem}.json"), "w") as handle:
-        json.dump(rows, handle, indent=1, default=str)
+    write_results(out, stem, preamble, [format_table(rows, columns), note], rows)
 
 
 def log_axes(axis, xlabel: str, ylabel: str, fontsize: int = 7) -> None:
@@ -655,7 +657,12 @@ def describe_models(retnet: nn.Module, llama: Optional[nn.Module] = None) -> str
         text += (
             f"\nLlama: d {lc.hidden_size}, intermediate {lc.intermediate_size}, {lc.num_hidden_layers} layers, "
             f"{lc.num_attention_heads} heads of {lc.head_dim}, attention {lc._attn_implementation}: "
-            f"{parameter_count(llama):,} parameters "
-            f"({100 * (parameter_count(llama) / parameter_count(retnet) - 1):+.2f}%)"
+            f"{parameters_versus(llama, retnet)}"
         )
     return text
+
+
+def parameters_versus(model: nn.Module, reference: nn.Module) -> str:
+    """`"N parameters (+x.xx%)"`: `model`'s parameter count and how far it is from `reference`'s."""
+    count = parameter_count(model)
+    return f"{count:,} parameters ({100 * (count / parameter_count(reference) - 1):+.2f}%)"

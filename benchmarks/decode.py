@@ -174,6 +174,10 @@ def decode_benchmark(
     device = next(retnet.parameters()).device
     models = {"RetNet": retnet, "Llama": llama}
     compiled = "compiled" in paths
+    if compiled and compile_config is None:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
     compiled_caches = {}  # RetNet's, by batch size: the same tensors for every context
     weight_bytes = {name: weight_bytes_per_token(model) for name, model in models.items()}
     element_size = next(llama.parameters()).element_size()
@@ -334,7 +338,7 @@ def _time_side_by_side(models, points, paths, new_tokens, rounds, device, compil
                     models[name],
                     point["ids"],
                     point["compiled"],
-                    compile_config=compile_config or _default_compile_config(),
+                    compile_config=compile_config,
                 )
             else:
                 runs[(name, path)] = functools.partial(
@@ -357,12 +361,6 @@ def _time_side_by_side(models, points, paths, new_tokens, rounds, device, compil
             with PeakMemory(device) as peaks[name]:
                 _step_seconds_per_token(models[name], point["first"], point["fresh"], new_tokens, device)
     return seconds, peaks, notes
-
-
-def _default_compile_config():
-    from transformers import CompileConfig
-
-    return CompileConfig()
 
 
 class TimingStreamer:

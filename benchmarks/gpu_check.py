@@ -25,7 +25,7 @@ import argparse
 import copy
 import functools
 import importlib.metadata
-import json
+import math
 import os
 import platform
 import sys
@@ -44,6 +44,7 @@ from .common import (
     relative_difference,
     retention_backend,
     size_config,
+    write_results,
 )
 
 
@@ -138,29 +139,8 @@ def check_cache(model, ids, prefix: int, backend: str, reference: Optional[torch
     return make_row(name, dtype_name(model), value, FP32_TOLERANCE, value <= FP32_TOLERANCE)
 
 
-def check_finite(model, ids, backend: str) -> dict:
-    """A forward (logits) and a training step (loss, every gradient) give no inf or NaN."""
-    with retention_backend(model, backend):
-        logits = logits_of(model, ids)
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        gradients = [p.grad for p in model.parameters() if p.grad is not None]
-        bad = [
-            name
-            for name, finite in (
-                ("logits", torch.isfinite(logits).all().item()),
-                ("loss", torch.isfinite(loss).item()),
-                ("gradients", all(torch.isfinite(g).all().item() for g in gradients)),
-            )
-            if not finite
-        ]
-        model.zero_grad(set_to_none=True)
-    note = f"loss {loss.item():.4f}, {len(gradients)} gradients" + (f"; not finite: {', '.join(bad)}" if bad else "")
-    return make_row(f"finite ({backend}): forward and training step", dtype_name(model), len(bad), 0, not bad, note)
-
-
 def gradients_of(model, ids, backend: str):
+    """A training step's loss (a float) and every parameter's gradient (float32 copies, by name), under `backend`."""
     with retention_backend(model, backend):
         model.zero_grad(set_to_none=True)
         loss = model(ids, labels=ids).loss
@@ -170,6 +150,23 @@ def gradients_of(model, ids, backend: str):
         }
         model.zero_grad(set_to_none=True)
     return loss.item(), gradients
+
+
+def check_finite(model, ids, backend: str) -> dict:
+    """A forward (logits) and a training step (loss, every gradient) give no inf or NaN."""
+    logits = logits_of(model, ids, backend)
+    loss, gradients = gradients_of(model, ids, backend)
+    bad = [
+        name
+        for name, finite in (
+            ("logits", torch.isfinite(logits).all().item()),
+            ("loss", math.isfinite(loss)),
+            ("gradients", all(torch.isfinite(g).all().item() for g in gradients.values())),
+        )
+        if not finite
+    ]
+    note = f"loss {loss:.4f}, {len(gradients)} gradients" + (f"; not finite: {', '.join(bad)}" if bad else "")
+    return make_row(f"finite ({backend}): forward and training step", dtype_name(model), len(bad), 0, not bad, note)
 
 
 def backend_checks(
@@ -342,9 +339,10 @@ def versions() -> Dict[str, str]:
     return found
 
 
-def environment_lines() -> List[str]:
-    """Versions, torch's CUDA build, the GPU, whether fla imports, and Triton's precision setting."""
-    lines = [f"- {name}: {version}" for name, version in versions().items()]
+def environment_lines(found: Dict[str, str]) -> List[str]:
+    """The versions `found` (`versions()`), torch's CUDA build, the GPU, whether fla imports, and Triton's precision
+    setting."""
+    lines = [f"- {name}: {version}" for name, version in found.items()]
     lines.append(f"- torch CUDA build: {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -407,12 +405,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.command == "env":
-        text = "\n".join(["# Environment", "", *environment_lines()]) + "\n"
-        print(text)
-        with open(os.path.join(args.out, "env.md"), "w") as handle:
-            handle.write(text)
-        with open(os.path.join(args.out, "env.json"), "w") as handle:
-            json.dump(versions(), handle, indent=1)
+        found = versions()
+        lines = environment_lines(found)
+        print("\n".join(["# Environment", "", *lines]) + "\n")
+        write_results(args.out, "env", ["# Environment"], ["\n".join(lines)], found)
         return 0
     precision = ieee_float32_dots()
     torch.set_float32_matmul_precision("highest")

@@ -57,6 +57,7 @@ from .common import (
     log_axes,
     paired_median_ratio,
     parameter_count,
+    parameters_versus,
     parse_ints,
     prepare_run,
     publish,
@@ -154,7 +155,7 @@ def prefill_benchmark(
         reason = fla_backend_unavailable(device, dtype)
         if reason:
             unavailable[FLA_CHUNKWISE] = reason
-    for variant in OPTIONAL_VARIANTS[1:]:
+    for variant in (LLAMA_FLASH_ATTENTION_2, FLA_RETNET):  # built by the caller (`others`)
         if variant in variants:
             other = (others or {}).get(variant, "not built")
             if isinstance(other, str):
@@ -221,19 +222,18 @@ def prefill_benchmark(
                 # this point's warm-up
                 log(f"prefill: {variant} {mode} {length} tokens, memory")
                 try:
-                    with PeakMemory(device) as peaks[variant]:
+                    with PeakMemory(device) as peak:
                         run(*models[variant], ids, mode)
                 except torch.cuda.OutOfMemoryError:
-                    del peaks[variant]
                     torch.cuda.empty_cache()
                     skipped[variant] = "out of CUDA memory"
                     continue
                 except Exception as error:
-                    del peaks[variant]
                     failed(variant, error)
                     skipped[variant] = unavailable[variant]
                     continue
-                measured_peaks[(variant, mode)] = (length, peaks[variant].peak_bytes)
+                peaks[variant] = peak
+                measured_peaks[(variant, mode)] = (length, peak.peak_bytes)
             if peaks:
                 log(f"prefill: {', '.join(peaks)} {mode} {length} tokens, {rounds} rounds")
             seconds = interleaved_timings(
@@ -432,9 +432,7 @@ def main(argv=None) -> int:
     models_text = describe_models(retnet, llama)
     for variant, other in others.items():
         models_text += f"\n{variant}: " + (
-            f"not run: {other}"
-            if isinstance(other, str)
-            else f"{parameter_count(other):,} parameters ({100 * (parameter_count(other) / parameter_count(retnet) - 1):+.2f}%)"
+            f"not run: {other}" if isinstance(other, str) else parameters_versus(other, retnet)
         )
     settings = (
         f"settings: size {args.size}, {args.dtype}, device {args.device}, variants {args.variants}, "

@@ -38,12 +38,13 @@ def step_statuses(summary: str) -> dict:
     """{step: status} from the steps' table of summary.md (its first)."""
     lines = summary.splitlines()
     start = lines.index("| step | status | seconds | limit s | log |") + 2
-    rows = []
+    statuses = {}
     for line in lines[start:]:
         if not line.startswith("| "):
             break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return {cells[0]: cells[1] for cells in rows}
+        name, status = [cell.strip() for cell in line.strip("|").split("|")][:2]
+        statuses[name] = status
+    return statuses
 
 
 def test_the_script_parses():

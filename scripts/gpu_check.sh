@@ -62,7 +62,12 @@ make_venv() {  # make_venv DIR: a venv (kept from an earlier run), with uv if th
 }
 
 index_reachable() {
-    timeout 40 "$BASE_PY" -m pip download -q --retries 1 --timeout 15 --no-deps -d "$(mktemp -d)" uv >/dev/null 2>&1
+    local scratch rc
+    scratch=$(mktemp -d)
+    timeout 40 "$BASE_PY" -m pip download -q --retries 1 --timeout 15 --no-deps -d "$scratch" uv >/dev/null 2>&1
+    rc=$?
+    rm -rf "$scratch"
+    return $rc
 }
 
 step_vllm_install() {  # step 5's install, in the background from step 2 on: vLLM's GPU build and the package
@@ -204,7 +209,12 @@ done
 OUT=${OUT:-./gpu_check_out}
 case $OUT in /*) ;; *) OUT=$CALLER_DIR/$OUT ;; esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-if [ "$PACK" = 1 ]; then RES=$(mktemp -d)/gpu_check; else RES=$OUT; fi
+if [ "$PACK" = 1 ]; then  # the results gather in a folder of their own, removed at the end; $OUT gets the tarball
+    RES=$(mktemp -d)/gpu_check
+    trap 'rm -rf "$(dirname "$RES")"' EXIT
+else
+    RES=$OUT
+fi
 mkdir -p "$RES"
 export RES OUT BASE_PY=${GPU_CHECK_BASE_PYTHON:-python3} PY=${GPU_CHECK_PYTHON:-python} MODE=dry-run
 if [ "$DRY_RUN" != 1 ]; then  # later steps take PY from step 1 (STATE), or without it from GPU_CHECK_PYTHON or python3

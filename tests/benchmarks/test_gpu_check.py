@@ -102,10 +102,14 @@ def test_dry_run_results_say_what_ran_on_the_cpu(dry_run):
 
 
 def test_pack_and_the_deadline(tmp_path):
-    """--pack leaves summary.md and one tarball in OUT; a step with no time left is skipped, and says so."""
-    result, out = run_script(tmp_path, "--dry-run", "--pack", GPU_CHECK_DEADLINE="0")
+    """--pack leaves summary.md and one tarball in OUT and nothing in the temporary folder; a step with no time left
+    is skipped, and says so."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result, out = run_script(tmp_path, "--dry-run", "--pack", GPU_CHECK_DEADLINE="0", TMPDIR=str(scratch))
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(path.name for path in out.iterdir()) == ["gpu_check.tar.gz", "summary.md"]
+    assert list(scratch.iterdir()) == []
     summary = (out / "summary.md").read_text()
     assert step_statuses(summary) == {step: "skipped: no time left" for step in STEPS}
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
